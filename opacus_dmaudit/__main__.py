@@ -1,0 +1,3 @@
+from opacus_dmaudit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""Command line: ``opacus-dmaudit reconstruct | train-prior``.
+
+Every expected failure (missing file, bad prior, bad number) ends with one line ``opacus-dmaudit: error: ...``
+and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+class CliError(Exception):
+    """A failure the user can fix; printed as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opacus-dmaudit",
+        description="See what an attacker with a diffusion-model prior recovers from DP-SGD gradients.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    rec = commands.add_parser("reconstruct", help="noise images at given stds and reconstruct them with a prior")
+    rec.add_argument("--prior", required=True, help="shipped prior name (fashion-mnist), pipeline folder or hub id")
+    rec.add_argument("--images", required=True, help="IDX (.gz), .npy/.npz, image folder, or fashion-mnist[:train]")
+    rec.add_argument("--noise-std", type=_non_negative_float, nargs="+", required=True,
+                     help="per-pixel Gaussian noise std(s) in [0, 1] pixel units")
+    rec.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    rec.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
+    rec.add_argument("--limit", type=_positive_int, default=None, help="use the first N images in file order")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--estimate-noise", action="store_true", help="estimate each image's noise std (unknown variance)")
+    rec.add_argument("--batch-size", type=_positive_int, default=None)
+    rec.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    rec.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints from trusted sources")
+    rec.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    rec.add_argument("--per-image", action="store_true", help="include per-image metrics in the JSON")
+    rec.add_argument("--grid", type=Path, default=None, help="write a PNG grid: original, noisy, reconstructed")
+    rec.add_argument("--overwrite", action="store_true", help="replace existing --json / --grid files")
+    rec.add_argument("--no-progress", action="store_true")
+
+    train = commands.add_parser("train-prior", help="train a diffusion prior (DDPMPipeline folder)")
+    train.add_argument("--images", required=True, help="training images (e.g. fashion-mnist:train)")
+    train.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
+    train.add_argument("--resolution", type=_positive_int, default=32)
+    train.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    train.add_argument("--model-size", choices=("tiny", "small", "base"), default="small")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=_positive_float, default=None)
+    budget.add_argument("--minutes", type=_positive_float, default=None)
+    train.add_argument("--batch-size", type=_positive_int, default=128)
+    train.add_argument("--learning-rate", type=_positive_float, default=2e-4)
+    train.add_argument("--warmup-steps", type=int, default=500)
+    train.add_argument("--ema-decay", type=float, default=0.9995)
+    train.add_argument("--no-flips", action="store_true")
+    train.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    train.add_argument("--checkpoint-every", type=int, default=2000)
+    train.add_argument("--fp32", action="store_true", help="save float32 weights instead of float16")
+    train.add_argument("--device", default=None)
+    train.add_argument("--resume", action="store_true")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    train.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _refuse_overwrite(path: Path | None, overwrite: bool) -> None:
+    if path is not None and path.exists() and not overwrite:
+        raise CliError(f"{path} exists; pass --overwrite to replace it or choose another path")
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from opacus_dmaudit.data import load_images
+    from opacus_dmaudit.evaluation import evaluate_prior
+    from opacus_dmaudit.prior import DiffusionPrior
+    from opacus_dmaudit.report import save_image_grid, write_json
+
+    _refuse_overwrite(args.json, args.overwrite)
+    _refuse_overwrite(args.grid, args.overwrite)
+    images = load_images(args.images, limit=args.limit)
+    prior = DiffusionPrior.from_pretrained(args.prior, device=args.device, allow_pickle=args.allow_pickle)
+    show_progress = not args.no_progress and sys.stderr.isatty()
+    result = evaluate_prior(
+        prior, images, args.noise_std, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        estimate_noise=args.estimate_noise, batch_size=args.batch_size, progress=show_progress,
+    )
+    print(f"prior {result.prior} | {result.n_images} images | {result.sampler}"
+          f"{'-' + str(result.steps) if result.sampler == 'ddim' else ''} | adaptation: {result.adaptation} | "
+          f"{result.device}")
+    header = f"{'noise std':>9} {'t*':>4} | {'noisy PSNR':>10} {'SSIM':>6} {'LPIPS':>6} | " \
+             f"{'recon PSNR':>10} {'SSIM':>6} {'LPIPS':>6} | {'seconds':>7}"
+    print(header)
+    print("-" * len(header))
+    fmt = lambda v, spec: "n/a".rjust(len(format(0.0, spec))) if v is None else format(v, spec)  # noqa: E731
+    for level in result.levels:
+        n, r = level.noisy, level.reconstructed
+        print(f"{level.noise_std:>9.4g} {level.t_start:>4d} | {fmt(n['psnr'], '10.2f')} {fmt(n['ssim'], '6.3f')} "
+              f"{fmt(n.get('lpips'), '6.3f')} | {fmt(r['psnr'], '10.2f')} {fmt(r['ssim'], '6.3f')} "
+              f"{fmt(r.get('lpips'), '6.3f')} | {level.seconds:>7.1f}")
+        if level.from_prior:
+            print(f"          {level.from_prior} images had noise above the prior's range: prior samples")
+    if result.levels[0].reconstructed.get("lpips") is None:
+        print(f"LPIPS: not computed: {result.lpips}")
+    if args.json:
+        payload = result.to_json(per_image=args.per_image)
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    if args.grid:
+        rows = []
+        for original, noisy, reconstructed in result.examples:
+            rows = rows or [original]
+            rows += [noisy, reconstructed]
+        save_image_grid(rows, args.grid)
+        print(f"wrote {args.grid} (rows: original, then noisy and reconstructed per noise std)")
+    return 0
+
+
+def _train_prior(args: argparse.Namespace) -> int:
+    from opacus_dmaudit.data import load_images
+    from opacus_dmaudit.training import PriorTrainingConfig, train_prior
+
+    config = PriorTrainingConfig(
+        resolution=args.resolution, channels=args.channels, model_size=args.model_size,
+        epochs=args.epochs if args.epochs is not None else 1.0, minutes=args.minutes, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
+        flips=not args.no_flips, seed=args.seed, compile=args.compile, checkpoint_every=args.checkpoint_every,
+        save_fp16=not args.fp32,
+    )
+    images = load_images(args.images, limit=args.limit)
+    description = f"{args.images}" + (f" (first {args.limit})" if args.limit else "")
+    try:
+        result = train_prior(images, args.out, config=config, resume=args.resume, overwrite=args.overwrite,
+                             device=args.device, progress=not args.no_progress, data_description=description)
+    except (FileExistsError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    print(f"trained {result.steps} steps ({result.images_seen} images) in {result.seconds / 60:.1f} min on "
+          f"{result.device}; final loss {result.final_loss:.4f}; {result.parameters:,} parameters")
+    print(f"wrote {result.path} (load with DiffusionPrior.from_pretrained or --prior {result.path})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"reconstruct": _reconstruct, "train-prior": _train_prior}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("opacus-dmaudit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        from opacus_dmaudit.data import ImageLoadError
+        from opacus_dmaudit.prior import PriorLoadError
+
+        expected = (CliError, ImageLoadError, PriorLoadError, ValueError, OSError)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, expected):
+            message = f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
+        print(f"opacus-dmaudit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

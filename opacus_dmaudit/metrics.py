@@ -1,0 +1,203 @@
+"""Reconstruction metrics: a pure function per metric (per-image values) and a thin class that runs them all.
+
+Images are ``N×C×H×W`` in ``[0, 1]``; every function returns one value per image.
+
+LPIPS-VGG needs torchvision's VGG16 ImageNet weights, which cannot be downloaded offline. It is computed only
+when they are already in the torch hub cache; otherwise its value is ``None`` and :func:`lpips_status` says why.
+A random-backbone LPIPS exists only to test the plumbing and is never reported as LPIPS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "METRICS",
+    "LOWER_IS_BETTER",
+    "mse",
+    "psnr",
+    "ssim",
+    "lpips_distance",
+    "lpips_status",
+    "LpipsStatus",
+    "ImageMetrics",
+    "summarize",
+]
+
+METRICS = ("mse", "psnr", "ssim", "lpips")
+LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "lpips": True}
+VGG16_CHECKPOINT = "vgg16-397923af.pth"  # the file torchvision's VGG16_Weights.IMAGENET1K_V1 downloads
+
+
+def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction and target shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    if prediction.ndim != 4:
+        raise ValueError(f"expected N×C×H×W images, got shape {tuple(prediction.shape)}")
+
+
+def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image."""
+    _check_pair(prediction, target)
+    return (prediction.double() - target.double()).pow(2).flatten(1).mean(1)
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image in dB (``inf`` for identical images)."""
+    error = mse(prediction, target)
+    return 10.0 * torch.log10(data_range**2 / error)
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per image (scikit-image, Gaussian-free 7×7 window, ``data_range`` 1)."""
+    from skimage.metrics import structural_similarity
+
+    _check_pair(prediction, target)
+    pred = prediction.detach().double().cpu().numpy()
+    ref = target.detach().double().cpu().numpy()
+    values = [
+        structural_similarity(p, r, data_range=data_range, channel_axis=0)
+        for p, r in zip(pred, ref)
+    ]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class LpipsStatus:
+    """Whether real LPIPS-VGG can be computed here, and why not."""
+
+    available: bool
+    reason: str
+
+
+def _vgg16_checkpoint() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_CHECKPOINT
+
+
+def lpips_status() -> LpipsStatus:
+    """Checks the ``lpips`` package and the VGG16 ImageNet weights in the torch hub cache, without downloading."""
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return LpipsStatus(False, "the lpips package is not installed (pip install lpips)")
+    checkpoint = _vgg16_checkpoint()
+    if not checkpoint.is_file():
+        return LpipsStatus(
+            False,
+            f"VGG16 ImageNet weights not found at {checkpoint}; LPIPS-VGG needs them (torchvision downloads them "
+            "once where there is network, or copy the file there)",
+        )
+    return LpipsStatus(True, f"LPIPS-VGG with {checkpoint}")
+
+
+_LPIPS_CACHE: dict[tuple[bool, str], torch.nn.Module] = {}
+
+
+def _lpips_model(*, random_backbone: bool, device: torch.device) -> torch.nn.Module:
+    import lpips
+
+    key = (random_backbone, str(device))
+    if key not in _LPIPS_CACHE:
+        # pnet_rand=True builds VGG16 without ImageNet weights (nothing is downloaded); the learned linear
+        # heads ship inside the lpips package either way.
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=random_backbone, verbose=False)
+        _LPIPS_CACHE[key] = model.to(device).eval().requires_grad_(False)
+    return _LPIPS_CACHE[key]
+
+
+def lpips_distance(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    random_backbone: bool = False,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> torch.Tensor | None:
+    """LPIPS-VGG distance per image, or ``None`` when the VGG16 weights are not available (see :func:`lpips_status`).
+
+    Args:
+        random_backbone: use an untrained VGG16 (tests only: the values are not LPIPS).
+    """
+    _check_pair(prediction, target)
+    if not random_backbone and not lpips_status().available:
+        return None
+    device = torch.device(device or prediction.device)
+    model = _lpips_model(random_backbone=random_backbone, device=device)
+    values = []
+    for begin in range(0, prediction.shape[0], batch_size):
+        p = prediction[begin : begin + batch_size].to(device).float()
+        t = target[begin : begin + batch_size].to(device).float()
+        if p.shape[1] == 1:
+            p, t = p.expand(-1, 3, -1, -1), t.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            values.append(model(p, t, normalize=True).flatten().double().cpu())
+    return torch.cat(values)
+
+
+@dataclass
+class ImageMetrics:
+    """Computes the chosen metrics per image and summaries of them.
+
+    Args:
+        metrics: names from ``METRICS``.
+        lpips_random_backbone: tests only; see :func:`lpips_distance`.
+    """
+
+    metrics: Sequence[str] = METRICS
+    lpips_random_backbone: bool = False
+    device: str | None = None
+    lpips_reason: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+        status = lpips_status()
+        self.lpips_reason = status.reason if not self.lpips_random_backbone else "random backbone (not LPIPS)"
+
+    def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Per-image values, ``{name: tensor of N or None}``; all images are clamped to ``[0, 1]`` first."""
+        prediction = prediction.detach().float().cpu().clamp(0, 1)
+        target = target.detach().float().cpu().clamp(0, 1)
+        values: dict[str, torch.Tensor | None] = {}
+        for name in self.metrics:
+            if name == "mse":
+                values[name] = mse(prediction, target)
+            elif name == "psnr":
+                values[name] = psnr(prediction, target)
+            elif name == "ssim":
+                values[name] = ssim(prediction, target)
+            else:
+                values[name] = lpips_distance(
+                    prediction, target, random_backbone=self.lpips_random_backbone, device=self.device
+                )
+        return values
+
+
+def summarize(values: dict[str, torch.Tensor | None]) -> dict[str, float | None]:
+    """Means of per-image values (PSNR averaged in dB over finite values; ``None`` stays ``None``)."""
+    summary: dict[str, float | None] = {}
+    for name, tensor in values.items():
+        if tensor is None:
+            summary[name] = None
+            continue
+        finite = tensor[torch.isfinite(tensor)]
+        summary[name] = float(finite.mean()) if finite.numel() else (math.inf if tensor.numel() else math.nan)
+    return summary
+
+
+def success_rate(values: torch.Tensor, threshold: float, *, lower_is_better: bool = True) -> float:
+    """Fraction of images whose error is within ``threshold`` (``<=`` for errors, ``>=`` for similarities)."""
+    hits = values <= threshold if lower_is_better else values >= threshold
+    return float(hits.double().mean()) if values.numel() else math.nan
+
+
+def as_numpy(values: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray | None]:
+    """Per-image values as numpy arrays (for JSON or CSV)."""
+    return {k: (None if v is None else v.numpy()) for k, v in values.items()}

@@ -1,0 +1,448 @@
+"""Diffusion priors: loading diffusers DDPM pipelines and denoising from a matched timestep (Algorithm 1).
+
+Schwethelm et al. (TMLR 2025), Algorithm 1: the forward process gives ``x_t / sqrt(abar_t) = x_0 + sigma_t eps``
+with ``sigma_t = sqrt((1 - abar_t) / abar_t)``. A noisy image ``x_hat = x_0 + s * eps`` (pixel units, so ``2 s`` on
+the model's ``[-1, 1]`` scale) therefore *is* a forward-process sample at the ``t*`` where ``sigma_t* = 2 s``, up to
+the factor ``sqrt(abar_t*)``; the reverse process runs from there to 0.
+
+The reverse loops are written against ``alphas_cumprod`` directly rather than through ``scheduler.step`` because
+every image of a batch may start at its own ``t*`` (each recovered image has its own noise level): the update is
+vectorised over per-image timesteps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from opacus_dmaudit.data import Adaptation, adapt_to_prior, restore_from_prior
+
+__all__ = [
+    "PriorLoadError",
+    "HUB_PRIORS",
+    "SHIPPED_PRIORS",
+    "shipped_prior_path",
+    "DiffusionPrior",
+    "ReconstructionOutput",
+    "noise_std_to_model_sigma",
+]
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "priors"
+SHIPPED_PRIORS: dict[str, str] = {"fashion-mnist": "fashion-mnist-32"}
+"""Names of priors shipped inside the package, and their folder under ``opacus_dmaudit/priors``."""
+
+HUB_PRIORS: dict[str, tuple[int, int]] = {
+    "google/ddpm-cifar10-32": (32, 3),
+    "google/ddpm-celebahq-256": (256, 3),
+    "google/ddpm-church-256": (256, 3),
+    "google/ddpm-bedroom-256": (256, 3),
+    "google/ddpm-cat-256": (256, 3),
+    "google/ddpm-ema-celebahq-256": (256, 3),
+    "google/ddpm-ema-church-256": (256, 3),
+    "google/ddpm-ema-bedroom-256": (256, 3),
+    "google/ddpm-ema-cat-256": (256, 3),
+}
+"""Well-known diffusers DDPM pipelines on the Hugging Face hub: ``id -> (resolution, channels)``."""
+
+_OFFLINE_OPTIONS = (
+    "offline options: the shipped prior (prior='fashion-mnist'), a local DDPMPipeline folder, "
+    "or train one with `opacus-dmaudit train-prior`"
+)
+
+
+class PriorLoadError(ValueError):
+    """Raised when a prior cannot be loaded; the message names the cause and the alternatives."""
+
+
+def shipped_prior_path(name: str) -> Path:
+    """Folder of a prior shipped with the package.
+
+    Raises:
+        PriorLoadError: if the name is unknown or the package was installed without its prior files.
+    """
+    if name not in SHIPPED_PRIORS:
+        raise PriorLoadError(f"no shipped prior named {name!r}; shipped: {', '.join(SHIPPED_PRIORS)}")
+    path = SHIPPED_DIR / SHIPPED_PRIORS[name]
+    if not (path / "unet" / "config.json").is_file():
+        raise PriorLoadError(f"the shipped prior {name!r} is missing from {path}; reinstall opacus-dmaudit")
+    return path
+
+
+def noise_std_to_model_sigma(noise_std: torch.Tensor | float, *, gain: float = 1.0) -> torch.Tensor:
+    """Pixel-space noise std (images in ``[0, 1]``) to the std on the model's ``[-1, 1]`` scale."""
+    return 2.0 * gain * torch.as_tensor(noise_std, dtype=torch.float64)
+
+
+@dataclass
+class ReconstructionOutput:
+    """What :meth:`DiffusionPrior.reconstruct` returns.
+
+    Attributes:
+        images: reconstructions ``N×C×H×W`` in ``[0, 1]`` at the input's size and channels.
+        t_start: the matched start timestep ``t*`` of each image.
+        noise_std: the pixel-space noise std each image was matched with.
+        from_prior: True where the noise exceeded ``sigma_T``: the chain started from pure noise and the
+            image is a sample of the prior, not a reconstruction.
+        adaptation: how the images were mapped onto the prior's grid.
+        sampler: "ddpm" or "ddim".
+        steps: reverse steps per image (DDIM: ``min(k, t*)``-spaced; DDPM: ``t* + 1``).
+    """
+
+    images: torch.Tensor
+    t_start: torch.Tensor
+    noise_std: torch.Tensor
+    from_prior: torch.Tensor
+    adaptation: Adaptation
+    sampler: str
+    steps: int
+    notes: list[str] = field(default_factory=list)
+
+
+class DiffusionPrior:
+    """A pretrained diffusion model used as an image prior to denoise recovered images.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` (or any module with the same call signature returning ``.sample``).
+        alphas_cumprod: the noise schedule's ``abar_t``, length T.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+        name: where the prior came from, for reports.
+        device: where to run; defaults to CUDA when available.
+        clip_sample: clamp the predicted ``x_0`` to ``[-1, 1]`` at each step (as diffusers' DDPM default).
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        *,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str = "epsilon",
+        name: str = "prior",
+        device: str | torch.device | None = None,
+        clip_sample: bool = True,
+    ) -> None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.unet = unet.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
+        self.prediction_type = prediction_type
+        self.name = name
+        self.clip_sample = clip_sample
+        config = getattr(unet, "config", None)
+        self.resolution = int(_config_get(config, "sample_size", 32))
+        self.channels = int(_config_get(config, "in_channels", 1))
+        self._learned_variance = int(_config_get(config, "out_channels", self.channels)) == 2 * self.channels
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        allow_pickle: bool = False,
+        local_files_only: bool | None = None,
+    ) -> "DiffusionPrior":
+        """Load a diffusers DDPM-style pipeline (a ``unet`` and a ``scheduler`` with ``alphas_cumprod``).
+
+        Args:
+            name_or_path: a shipped prior's name (``"fashion-mnist"``), a local pipeline folder, or a hub id.
+            device: where to run.
+            allow_pickle: also accept ``.bin`` pickle checkpoints (they can execute code when loaded; only
+                for sources you trust). Safetensors only by default.
+            local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
+
+        Raises:
+            PriorLoadError: with the cause and the alternatives, for anything that is not a loadable prior.
+        """
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        text = str(name_or_path)
+        source: str | Path
+        if text in SHIPPED_PRIORS:
+            source = shipped_prior_path(text)
+        elif Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+            source = Path(text).expanduser()
+            if not source.is_dir():
+                raise PriorLoadError(f"prior {text!r} not found: no such folder (and not a shipped prior or hub id)")
+            if not (source / "unet" / "config.json").is_file():
+                raise PriorLoadError(
+                    f"{source} is not a DDPM pipeline folder: it has no unet/config.json "
+                    "(expected the layout DDPMPipeline.save_pretrained writes)"
+                )
+        elif "/" in text:
+            source = text
+        else:
+            raise PriorLoadError(
+                f"unknown prior {text!r}: give a shipped prior ({', '.join(SHIPPED_PRIORS)}), "
+                "a local DDPMPipeline folder, or a hub id like google/ddpm-cifar10-32"
+            )
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        kwargs = dict(use_safetensors=None if allow_pickle else True, local_files_only=local_files_only,
+                      low_cpu_mem_usage=False, torch_dtype=torch.float32)
+        try:
+            unet = UNet2DModel.from_pretrained(source, subfolder="unet", **kwargs)
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
+        except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors depending on the cause
+            raise _explain_load_failure(text, source, exc, allow_pickle=allow_pickle) from None
+        return cls(
+            unet,
+            alphas_cumprod=scheduler.alphas_cumprod,
+            prediction_type=scheduler.config.prediction_type,
+            name=text,
+            device=device,
+            clip_sample=bool(scheduler.config.get("clip_sample", True)),
+        )
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.numel())
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """``sigma_t = sqrt((1 - abar_t) / abar_t)`` for t = 0 .. T-1 (float64)."""
+        return ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def match_timestep(self, model_sigma: torch.Tensor | float) -> torch.Tensor:
+        """``t* = argmin_t |sigma_t - sigma|`` for each noise std on the model's scale."""
+        sigma = torch.as_tensor(model_sigma, dtype=torch.float64).reshape(-1, 1)
+        return (self.sigmas.reshape(1, -1) - sigma).abs().argmin(dim=1)
+
+    # ------------------------------------------------------------------ reconstruction
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        noisy_images: torch.Tensor,
+        noise_std: torch.Tensor | float,
+        *,
+        sampler: str = "ddim",
+        steps: int = 50,
+        seed: int | None = 0,
+        batch_size: int | None = None,
+        progress: bool | Callable[[int], None] = False,
+        spatial: str = "auto",
+    ) -> ReconstructionOutput:
+        """Denoise images with the prior (Algorithm 1).
+
+        Args:
+            noisy_images: ``N×C×H×W`` noisy images in pixel units (values outside ``[0, 1]`` are expected).
+            noise_std: per-pixel noise std in pixel units, one for all or one per image.
+            sampler: "ddim" (deterministic, eta = 0, ``steps`` steps from ``t*``) or "ddpm" (ancestral, every
+                step from ``t*``).
+            steps: DDIM step count.
+            seed: seed of the sampler's noise (DDPM steps, padding noise, pure-noise starts).
+            batch_size: images per UNet call; defaults to 256 on CUDA and 32 on CPU.
+            progress: show a tqdm bar (True) or call this with the number of images finished.
+            spatial: how to adapt sizes, see :func:`opacus_dmaudit.data.adapt_to_prior`.
+
+        Returns:
+            A :class:`ReconstructionOutput`.
+
+        Raises:
+            ValueError: for a bad sampler, step count, shape or a negative / non-finite noise std.
+        """
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler == "ddim" and steps < 1:
+            raise ValueError(f"DDIM needs at least one step, got steps={steps}")
+        if noisy_images.ndim != 4:
+            raise ValueError(f"noisy_images must be N×C×H×W, got shape {tuple(noisy_images.shape)}")
+        count = noisy_images.shape[0]
+        std = torch.as_tensor(noise_std, dtype=torch.float64).reshape(-1).cpu()
+        if std.numel() == 1:
+            std = std.expand(count).clone()
+        if std.numel() != count:
+            raise ValueError(f"got {std.numel()} noise stds for {count} images")
+        if not torch.isfinite(std).all() or (std < 0).any():
+            raise ValueError("noise_std must be finite and non-negative")
+
+        adapted, adaptation = adapt_to_prior(
+            noisy_images.detach().float().cpu(), resolution=self.resolution, channels=self.channels, spatial=spatial
+        )
+        model_sigma = noise_std_to_model_sigma(std, gain=adaptation.noise_gain)
+        t_start = self.match_timestep(model_sigma)
+        from_prior = model_sigma > self.sigmas[-1]
+        t_start[from_prior] = self.num_timesteps - 1
+
+        seed = 0 if seed is None else seed
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        # The reverse process draws its noise where it runs, so DDPM steps on CUDA need no host round trip.
+        step_generator = torch.Generator(device=self.device).manual_seed(seed)
+        batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
+        outputs = []
+        bar = _progress_bar(count, progress)
+        # Sorting by t* keeps each DDPM batch's active set contiguous and its loop short.
+        order = torch.argsort(t_start, descending=True, stable=True)
+        for begin in range(0, count, batch_size):
+            index = order[begin : begin + batch_size]
+            x_hat = adapted[index] * 2.0 - 1.0
+            noise = torch.randn(x_hat.shape, generator=generator)
+            if adaptation.spatial == "pad":
+                # The prior must see noise everywhere: padded borders get noise of the image's own level.
+                mask = _pad_mask(x_hat.shape[-2:], adaptation.padding)
+                x_hat = torch.where(mask, x_hat, x_hat + model_sigma[index].view(-1, 1, 1, 1).float() * noise)
+            t = t_start[index]
+            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+            x_start = abar.sqrt() * x_hat
+            pure = from_prior[index]
+            if pure.any():
+                x_start[pure] = torch.randn(x_start[pure].shape, generator=generator)
+            run = self._ddim if sampler == "ddim" else self._ddpm
+            result = run(x_start.to(self.device), t.to(self.device), steps=steps, generator=step_generator)
+            outputs.append((index, result.float().cpu()))
+            bar(len(index))
+        bar(None)
+
+        clean = torch.empty_like(adapted)
+        for index, result in outputs:
+            clean[index] = result
+        images = restore_from_prior(((clean + 1.0) / 2.0).clamp(0.0, 1.0), adaptation)
+        notes = []
+        if from_prior.any():
+            notes.append(
+                f"{int(from_prior.sum())} of {count} images had noise above the prior's sigma_T "
+                f"({float(self.sigmas[-1]) / 2:.3g} in pixel units): they are samples of the prior"
+            )
+        return ReconstructionOutput(
+            images=images,
+            t_start=t_start,
+            noise_std=std,
+            from_prior=from_prior,
+            adaptation=adaptation,
+            sampler=sampler,
+            steps=steps if sampler == "ddim" else int(t_start.max()) + 1,
+            notes=notes,
+        )
+
+    @torch.no_grad()
+    def sample(self, count: int, *, sampler: str = "ddim", steps: int = 50, seed: int | None = 0) -> torch.Tensor:
+        """Unconditional samples of the prior, ``count×C×R×R`` in ``[0, 1]`` (for baseline success rates)."""
+        shape = (count, self.channels, self.resolution, self.resolution)
+        infinite = torch.full((count,), float("inf"))
+        # An infinite noise level makes every chain start from pure noise: exactly unconditional sampling.
+        output = self.reconstruct(torch.zeros(shape), infinite.clamp(max=1e6), sampler=sampler, steps=steps, seed=seed)
+        return output.images
+
+    # ------------------------------------------------------------------ reverse processes
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _predict_x0_eps(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model call and conversion to (x_0, eps) predictions, in float32."""
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.unet(x, t).sample
+        out = out.float()
+        if self._learned_variance:
+            out = out[:, : self.channels]
+        abar = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
+        a, b = abar.sqrt(), (1.0 - abar).sqrt()
+        if self.prediction_type == "epsilon":
+            eps = out
+            x0 = (x - b * eps) / a
+        elif self.prediction_type == "v_prediction":
+            x0 = a * x - b * out
+            eps = a * out + b * x
+        else:
+            x0 = out
+            eps = (x - a * x0) / b
+        if self.clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+            # Keep eps consistent with the clipped x_0, as DDIM's update needs both to describe x_t.
+            eps = (x - a * x0) / b
+        return x0, eps
+
+    def _ddim(self, x: torch.Tensor, t_start: torch.Tensor, *, steps: int, generator: torch.Generator) -> torch.Tensor:
+        abar_all = self.alphas_cumprod.to(self.device).float()
+        for j in range(steps):
+            # Per image: t_j = floor(t* (steps - j) / steps), the last jump goes to abar = 1 (a clean image).
+            t = torch.div(t_start * (steps - j), steps, rounding_mode="floor")
+            t_next = torch.div(t_start * (steps - j - 1), steps, rounding_mode="floor")
+            if 0 < j < steps - 1:
+                # Images whose t* < steps repeat timesteps; skip the model call when nothing in the batch moves.
+                t_prev_iter = torch.div(t_start * (steps - j + 1), steps, rounding_mode="floor")
+                if bool((t == t_prev_iter).all()):
+                    continue
+            x0, eps = self._predict_x0_eps(x, t)
+            if j == steps - 1:
+                return x0
+            abar_next = abar_all[t_next].view(-1, 1, 1, 1)
+            x = abar_next.sqrt() * x0 + (1.0 - abar_next).sqrt() * eps
+        return x
+
+    def _ddpm(self, x: torch.Tensor, t_start: torch.Tensor, *, steps: int, generator: torch.Generator) -> torch.Tensor:
+        abar_all = self.alphas_cumprod.to(self.device).float()
+        abar_prev_all = torch.cat([abar_all.new_ones(1), abar_all[:-1]])
+        alphas = abar_all / abar_prev_all
+        t = t_start.clone()
+        for current in range(int(t_start.max()), -1, -1):
+            active = t_start >= current  # images sorted by t*: active ones form a prefix
+            n = int(active.sum())
+            xa, ta = x[:n], t[:n]
+            x0, _ = self._predict_x0_eps(xa, ta)
+            abar, abar_prev, alpha = abar_all[ta], abar_prev_all[ta], alphas[ta]
+            coef_x0 = (abar_prev.sqrt() * (1 - alpha) / (1 - abar)).view(-1, 1, 1, 1)
+            coef_xt = (alpha.sqrt() * (1 - abar_prev) / (1 - abar)).view(-1, 1, 1, 1)
+            mean = coef_x0 * x0 + coef_xt * xa
+            variance = ((1 - abar_prev) / (1 - abar) * (1 - alpha)).clamp(min=1e-20).view(-1, 1, 1, 1)
+            noise = torch.randn(xa.shape, generator=generator, device=self.device)
+            nonzero = (ta > 0).float().view(-1, 1, 1, 1)
+            x = torch.cat([mean + nonzero * variance.sqrt() * noise, x[n:]])
+            t = torch.cat([ta - 1, t[n:]])
+        return x
+
+
+def _config_get(config, key: str, default):
+    if config is None:
+        return default
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return default if value is None else value
+
+
+def _pad_mask(size: tuple[int, int], padding: tuple[int, int, int, int]) -> torch.Tensor:
+    height, width = size
+    left, right, top, bottom = padding
+    mask = torch.zeros((1, 1, height, width), dtype=torch.bool)
+    mask[..., top : height - bottom, left : width - right] = True
+    return mask
+
+
+def _progress_bar(total: int, progress: bool | Callable[[int], None]) -> Callable[[int | None], None]:
+    if callable(progress):
+        return lambda n: None if n is None else progress(n)
+    if not progress:
+        return lambda n: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="img", desc="reconstruct", leave=False)
+    return lambda n: bar.close() if n is None else bar.update(n)
+
+
+def _explain_load_failure(text: str, source, exc: Exception, *, allow_pickle: bool) -> PriorLoadError:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(source, Path):
+        if not allow_pickle and any(source.glob("unet/*.bin")) and not any(source.glob("unet/*.safetensors")):
+            return PriorLoadError(
+                f"{source} holds only a pickle checkpoint (unet/*.bin); pass allow_pickle=True "
+                "(CLI: --allow-pickle) if you trust its source"
+            )
+        return PriorLoadError(f"cannot load the prior in {source}: {message}")
+    from huggingface_hub import constants
+
+    return PriorLoadError(
+        f"cannot load hub prior {text!r} ({message}). It is neither reachable nor in the cache at "
+        f"{constants.HF_HUB_CACHE}; download it where there is network (or copy the cache there), keep "
+        f"HF_HUB_OFFLINE=1 to stop network attempts, or use the {_OFFLINE_OPTIONS}"
+    )

@@ -1,0 +1,86 @@
+"""Reports: image grids, JSON files and (for the auditor) TensorBoard logs.
+
+Audit outputs contain training images, which are exactly what differential privacy protects. Everything this
+module writes is created with owner-only permissions (files 0600, folders 0700) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "write_private_bytes", "write_json",
+           "image_grid", "save_image_grid"]
+
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def make_private_dir(path: str | os.PathLike) -> Path:
+    """Create a folder (and parents) readable by the owner only; tighten an existing one we are told to use."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def write_private_bytes(path: str | os.PathLike, data: bytes, *, private: bool = True) -> Path:
+    """Write a file atomically, with mode 0600 when ``private``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, payload: Any, *, private: bool = True) -> Path:
+    """Write JSON (NaN written as null, so any JSON reader accepts it)."""
+    return write_private_bytes(path, (json.dumps(_nan_to_none(payload), indent=2) + "\n").encode(), private=private)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def image_grid(rows: Sequence[torch.Tensor], *, padding: int = 2) -> torch.Tensor:
+    """Stack image sets as rows of one grid: ``rows[i]`` is ``N×C×H×W`` in ``[0, 1]``; returns ``3×H'×W'``."""
+    from torchvision.utils import make_grid
+
+    if not rows:
+        raise ValueError("image_grid needs at least one row")
+    width = max(r.shape[0] for r in rows)
+    tiles = []
+    for row in rows:
+        row = row.detach().float().cpu().clamp(0, 1)
+        if row.shape[1] == 1:
+            row = row.expand(-1, 3, -1, -1)
+        if row.shape[0] < width:
+            row = torch.cat([row, row.new_ones((width - row.shape[0], *row.shape[1:]))])
+        tiles.append(row)
+    return make_grid(torch.cat(tiles), nrow=width, padding=padding, pad_value=1.0)
+
+
+def save_image_grid(rows: Sequence[torch.Tensor], path: str | os.PathLike, *, private: bool = True) -> Path:
+    """Save :func:`image_grid` as a PNG (0600 when ``private``)."""
+    import io
+
+    from PIL import Image
+
+    grid = image_grid(rows)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return write_private_bytes(path, buffer.getvalue(), private=private)
