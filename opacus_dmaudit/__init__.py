@@ -1,0 +1,48 @@
+"""opacus_dmaudit: see what an attacker with a diffusion-model prior recovers from Opacus DP-SGD gradients.
+
+Data flow, one module each: ``imprint`` (binning block in front of the model) -> ``capture`` (clipped and noised
+gradients from real DP-SGD steps) -> ``recovery`` (noisy images and their noise levels) -> ``prior`` (diffusion
+model denoising from a matched timestep) -> ``metrics`` -> ``report``.
+"""
+
+from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError
+from opacus_dmaudit.data import ImageLoadError, adapt_to_prior, denormalize, load_images, restore_from_prior
+from opacus_dmaudit.evaluation import PriorEvaluation, evaluate_prior
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
+from opacus_dmaudit.metrics import ImageMetrics, lpips_distance, lpips_status, mse, psnr, ssim
+from opacus_dmaudit.noise import add_gaussian_noise, estimate_noise_std
+from opacus_dmaudit.prior import DiffusionPrior, PriorLoadError, ReconstructionOutput
+from opacus_dmaudit.recovery import RecoveredImages, recover_images
+from opacus_dmaudit.training import PriorTrainingConfig, train_prior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CapturedGradients",
+    "DiffusionPrior",
+    "GradientCapture",
+    "ImageLoadError",
+    "ImageMetrics",
+    "ImprintBlock",
+    "ImprintedModel",
+    "PerLayerClippingError",
+    "PriorEvaluation",
+    "PriorLoadError",
+    "PriorTrainingConfig",
+    "RecoveredImages",
+    "ReconstructionOutput",
+    "adapt_to_prior",
+    "add_gaussian_noise",
+    "denormalize",
+    "estimate_noise_std",
+    "evaluate_prior",
+    "load_images",
+    "lpips_distance",
+    "lpips_status",
+    "mse",
+    "psnr",
+    "recover_images",
+    "restore_from_prior",
+    "ssim",
+    "train_prior",
+]

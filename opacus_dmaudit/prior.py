@@ -128,7 +128,8 @@ class DiffusionPrior:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.unet = unet.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
+        with _quiet_diffusers():
+            self.unet = unet.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
         if self.device.type == "cuda":
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
@@ -186,11 +187,16 @@ class DiffusionPrior:
             )
         if local_files_only is None:
             local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if isinstance(source, str) and not local_files_only and not _hub_reachable():
+            # Without this, huggingface_hub retries for about 20 s before failing; the cache still serves.
+            local_files_only = True
         kwargs = dict(use_safetensors=None if allow_pickle else True, local_files_only=local_files_only,
                       low_cpu_mem_usage=False, torch_dtype=torch.float32)
         try:
-            unet = UNet2DModel.from_pretrained(source, subfolder="unet", **kwargs)
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
+            with _quiet_diffusers():
+                unet = UNet2DModel.from_pretrained(source, subfolder="unet", **kwargs)
+                scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler",
+                                                          local_files_only=local_files_only)
         except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors depending on the cause
             raise _explain_load_failure(text, source, exc, allow_pickle=allow_pickle) from None
         return cls(
@@ -409,6 +415,38 @@ def _config_get(config, key: str, default):
         return default
     value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
     return default if value is None else value
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub endpoint accepts a TCP connection (no request is sent)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Silence diffusers' load-time advice (accelerate, dtype casts) without changing the user's setting."""
+    from diffusers.utils import logging as diffusers_logging
+
+    import warnings
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # huggingface_hub deprecation notices
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _pad_mask(size: tuple[int, int], padding: tuple[int, int, int, int]) -> torch.Tensor:

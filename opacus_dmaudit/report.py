@@ -84,3 +84,60 @@ def save_image_grid(rows: Sequence[torch.Tensor], path: str | os.PathLike, *, pr
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return write_private_bytes(path, buffer.getvalue(), private=private)
+
+
+class AuditLogWriter:
+    """TensorBoard event files plus ``audits.jsonl`` in one private log folder.
+
+    Args:
+        log_dir: the folder (created 0700; existing files are appended to, never replaced).
+        log_originals: put the original training images in grids; False logs only noisy and reconstructed rows.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, *, log_originals: bool = True) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = make_private_dir(log_dir)
+        self.log_originals = log_originals
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.jsonl_path = self.log_dir / "audits.jsonl"
+        self._protect()
+
+    def _protect(self) -> None:
+        # The folder is already owner-only; tighten the files too in case it is ever moved or shared.
+        for path in self.log_dir.rglob("*"):
+            try:
+                os.chmod(path, PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE)
+            except OSError:
+                pass
+
+    def config(self, settings: dict[str, Any]) -> None:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+        self.writer.add_text("audit/config", "| setting | value |\n|---|---|\n" + rows, global_step=0)
+
+    def grid(self, tag: str, rows: Sequence[torch.Tensor], *, step: int) -> None:
+        self.writer.add_image(tag, image_grid(rows), global_step=step)
+
+    def scalars(self, values: dict[str, float | None], *, step: int) -> None:
+        for tag, value in values.items():
+            if value is not None and value == value:
+                self.writer.add_scalar(tag, float(value), global_step=step)
+
+    def record(self, payload: dict[str, Any]) -> None:
+        line = json.dumps(_nan_to_none(payload)) + "\n"
+        fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(line)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        self.writer.add_hparams(clean, {k: v for k, v in metrics.items() if v is not None and v == v},
+                                run_name="hparams")
+
+    def flush(self) -> None:
+        self.writer.flush()
+        self._protect()
+
+    def close(self) -> None:
+        self.writer.close()
+        self._protect()

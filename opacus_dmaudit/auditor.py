@@ -1,0 +1,516 @@
+"""DMAuditor: audit live Opacus DP-SGD training with a diffusion-model attacker, logged to TensorBoard.
+
+Two modes:
+
+* ``"shadow"`` (default): training is untouched. The auditor copies each audited step's batch (a forward pre-hook)
+  and runs it, off the training thread, through its own imprint model with Opacus's own machinery: a
+  ``GradSampleModule`` and a ``DPOptimizer`` with the training run's noise multiplier, clipping norm, expected batch
+  size and loss reduction, and the auditor's own noise generator. The imprint model gives each sample's whole
+  clipping budget to its imprint row, so the noise is at the floor DP allows: this is what an attacker who
+  chooses the architecture sees at this noise multiplier.
+* ``"inline"``: the imprint block sits in front of the user's model before Opacus wraps it, so the real steps carry
+  it. Its gradients are clipped with the real model's (real clip factors) and captured from the real noised
+  steps by chaining the optimizer's step hook; the block's parameters are restored after every step so the bins
+  stay calibrated. The seed paper's experimental setting.
+
+Everything after the copy (shadow step, recovery, reconstruction, metrics, logging) runs on a background thread
+with a bounded queue. A full queue drops an audit instead of blocking training; an exception in an audit is
+logged and never reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
+from opacus_dmaudit.data import denormalize
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
+from opacus_dmaudit.metrics import LOWER_IS_BETTER, METRICS, ImageMetrics, success_rate, summarize
+from opacus_dmaudit.noise import estimate_noise_std
+from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.recovery import SCALES, recover_images
+from opacus_dmaudit.report import AuditLogWriter
+
+__all__ = ["DMAuditor", "AuditRecord", "SUCCESS_THRESHOLDS"]
+
+logger = logging.getLogger("opacus_dmaudit")
+
+SUCCESS_THRESHOLDS: dict[str, tuple[float, ...]] = {
+    # A reconstruction "succeeds" when its error is within eta: MSE <= eta, 1 - SSIM <= eta, LPIPS <= eta.
+    "mse": (0.01, 0.03),
+    "ssim": (0.3, 0.5),
+    "lpips": (0.2, 0.4),
+}
+SHADOW_GAIN = 1e6  # large enough that the imprint rows take (almost) all of each sample's clipping budget
+INLINE_GAIN = 1e3
+
+
+@dataclass
+class AuditRecord:
+    """One audit step, as written to ``audits.jsonl``."""
+
+    step: int
+    mode: str
+    scale: str
+    batch_size: int
+    recovered: int
+    collisions: int
+    noise_multiplier: float
+    max_grad_norm: float
+    epsilon: float | None
+    delta: float
+    mu_step: float | None
+    noise_std_median: float | None
+    t_start_median: float | None
+    from_prior: int
+    noisy: dict[str, float | None]
+    reconstructed: dict[str, float | None]
+    success: dict[str, float]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.recovered:
+            return f"step {self.step}: no singly-occupied bins (batch {self.batch_size})"
+        eps = "n/a" if self.epsilon is None else f"{self.epsilon:.3g}"
+        r, n = self.reconstructed, self.noisy
+        return (f"step {self.step}: eps={eps} | {self.recovered} images, noise std {self.noise_std_median:.3g}, "
+                f"t*={self.t_start_median:.0f} | PSNR noisy {n['psnr']:.2f} -> reconstructed {r['psnr']:.2f} dB, "
+                f"SSIM {n['ssim']:.3f} -> {r['ssim']:.3f}")
+
+
+@dataclass
+class _Job:
+    step: int
+    batch: torch.Tensor
+    captured: CapturedGradients | None
+    history: list
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int
+    loss_reduction: str
+
+
+class DMAuditor:
+    """Audits an Opacus training run: what does a diffusion-prior attacker recover from these DP-SGD steps?
+
+    Args:
+        privacy_engine: the ``PrivacyEngine``; its ``make_private`` and ``make_private_with_epsilon`` are
+            intercepted on this instance so the audit attaches itself. ``None``: call :meth:`attach` yourself.
+        prior: a shipped prior's name, a local DDPMPipeline folder, a hub id, or a loaded :class:`DiffusionPrior`.
+        log_dir: TensorBoard log folder (created owner-only; it will contain training images).
+        every: audit every ``every``-th optimizer step.
+        mode: "shadow" or "inline" (see the module docstring).
+        bins: number of imprint bins.
+        imprint: bin structure, "sparse" or "cumulative".
+        measurement: the imprint's measurement ("brightness", "random", "dct" or a tensor).
+        gain: the imprint's gradient gain (default: 1e6 in shadow mode, 1e3 inline).
+        scale: how recovered images are scaled, one of ``recovery.SCALES``.
+        estimate_noise: reconstruct with noise levels estimated from the images (the unknown-variance attacker).
+        sampler / steps: the prior's reverse process ("ddim" with ``steps`` steps, or "ddpm").
+        max_images: images per TensorBoard grid.
+        max_reconstructions: reconstruct at most this many recovered images per audit (None: all).
+        delta: the delta of the logged epsilon.
+        metrics: metric names (subset of mse, psnr, ssim, lpips).
+        device: where the prior runs (default: CUDA when available).
+        log_originals: include original training images in the grids.
+        input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
+        calibration_images: model inputs to calibrate the bins on (default: the training data).
+        queue_size: audits waiting for the worker before further ones are dropped.
+        seed: seed of the auditor's own generators.
+        on_error: "continue" or "stop" auditing after an exception in an audit.
+        on_audit: called with each :class:`AuditRecord` (on the worker thread).
+    """
+
+    def __init__(
+        self,
+        privacy_engine=None,
+        *,
+        prior: str | DiffusionPrior = "fashion-mnist",
+        log_dir: str | Path = "runs/audit",
+        every: int = 50,
+        mode: str = "shadow",
+        bins: int = 64,
+        imprint: str = "sparse",
+        measurement: str | torch.Tensor = "brightness",
+        gain: float | None = None,
+        scale: str = "oracle",
+        estimate_noise: bool = False,
+        sampler: str = "ddim",
+        steps: int = 50,
+        max_images: int = 16,
+        max_reconstructions: int | None = None,
+        delta: float = 1e-5,
+        metrics: Sequence[str] = METRICS,
+        device: str | torch.device | None = None,
+        log_originals: bool = True,
+        input_mean: Sequence[float] | float | None = None,
+        input_std: Sequence[float] | float | None = None,
+        calibration_images: torch.Tensor | None = None,
+        queue_size: int = 2,
+        seed: int = 0,
+        on_error: str = "continue",
+        on_audit: Callable[[AuditRecord], None] | None = None,
+    ) -> None:
+        if mode not in ("shadow", "inline"):
+            raise ValueError(f"mode must be 'shadow' or 'inline', got {mode!r}")
+        if imprint not in ("sparse", "cumulative"):
+            raise ValueError(f"imprint must be 'sparse' or 'cumulative', got {imprint!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if on_error not in ("continue", "stop"):
+            raise ValueError(f"on_error must be 'continue' or 'stop', got {on_error!r}")
+        for name, value in (("every", every), ("bins", bins), ("steps", steps), ("max_images", max_images),
+                            ("queue_size", queue_size)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        self.mode, self.every, self.bins, self.structure = mode, int(every), int(bins), imprint
+        self.measurement, self.scale, self.estimate_noise = measurement, scale, estimate_noise
+        self.gain = float(gain) if gain is not None else (SHADOW_GAIN if mode == "shadow" else INLINE_GAIN)
+        self.sampler, self.steps, self.max_images = sampler, int(steps), int(max_images)
+        self.max_reconstructions, self.delta, self.seed = max_reconstructions, float(delta), int(seed)
+        self.input_mean, self.input_std = input_mean, input_std
+        self.calibration_images = calibration_images
+        self.on_error, self.on_audit = on_error, on_audit
+        self.log_originals = log_originals
+        self.prior = prior if isinstance(prior, DiffusionPrior) else DiffusionPrior.from_pretrained(prior, device=device)
+        self.image_metrics = ImageMetrics(metrics=tuple(metrics), device=None)
+        self.writer = AuditLogWriter(log_dir, log_originals=log_originals)
+        self.log_dir = self.writer.log_dir
+        self.records: list[AuditRecord] = []
+        self.dropped = 0
+        self.errors = 0
+        self.block: ImprintBlock | None = None
+        self._engine = privacy_engine
+        self._model = self._optimizer = None
+        self._capture: GradientCapture | None = None
+        self._captured: CapturedGradients | None = None
+        self._pending: list[torch.Tensor] = []
+        self._steps = 0
+        self._handles: list[Any] = []
+        self._closed = False
+        self._stopped = False
+        self._shadow: tuple[nn.Module, Any, GradientCapture, dict] | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=int(queue_size))
+        self._stream = torch.cuda.Stream(self.prior.device) if self.prior.device.type == "cuda" else None
+        self._worker = threading.Thread(target=self._work, name="opacus-dmaudit", daemon=True)
+        self._worker.start()
+        self.writer.config(self.settings())
+        if privacy_engine is not None:
+            self._intercept(privacy_engine)
+
+    # ------------------------------------------------------------------ set-up
+    def settings(self) -> dict[str, Any]:
+        return dict(mode=self.mode, every=self.every, bins=self.bins, imprint=self.structure,
+                    measurement=self.measurement if isinstance(self.measurement, str) else "custom",
+                    gain=self.gain, scale=self.scale, estimate_noise=self.estimate_noise, sampler=self.sampler,
+                    steps=self.steps, prior=self.prior.name, delta=self.delta, log_originals=self.log_originals,
+                    lpips=self.image_metrics.lpips_reason)
+
+    def _intercept(self, engine) -> None:
+        for name in ("make_private", "make_private_with_epsilon"):
+            original = getattr(engine, name)
+            setattr(engine, name, self._wrap_make_private(original))
+
+    def _wrap_make_private(self, original: Callable) -> Callable:
+        def make_private(*args, **kwargs):
+            if self.mode == "inline":
+                if kwargs.get("clipping", "flat") != "flat":
+                    raise PerLayerClippingError(
+                        f"DMAuditor(mode='inline') needs flat clipping, got clipping={kwargs['clipping']!r}: "
+                        "per-layer clipping scales an image row and its bias differently; use mode='shadow'"
+                    )
+                module, optimizer = kwargs.get("module"), kwargs.get("optimizer")
+                if module is None or optimizer is None:
+                    raise ValueError("call make_private with keyword arguments module=..., optimizer=...")
+                kwargs["module"] = self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader"))
+            result = original(*args, **kwargs)
+            self.attach(result[0], result[1])
+            return result
+
+        make_private.__wrapped__ = original  # type: ignore[attr-defined]
+        return make_private
+
+    def _calibration_sample(self, data_loader) -> torch.Tensor:
+        if self.calibration_images is not None:
+            return self.calibration_images.detach().float().cpu()
+        dataset = getattr(data_loader, "dataset", None)
+        if dataset is None:
+            raise ValueError("pass calibration_images=... (no data loader to calibrate the imprint bins on)")
+        count = min(len(dataset), 1024)
+        step = max(1, len(dataset) // count)
+        items = [dataset[i] for i in range(0, step * count, step)]
+        return torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item) for item in items]).float()
+
+    def _new_block(self, sample: torch.Tensor) -> ImprintBlock:
+        block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
+                             measurement=self.measurement, gain=self.gain, seed=self.seed)
+        return block.calibrate(sample)
+
+    def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
+        """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with
+        ``optimizer`` (learning rate 0; they are also restored after each step)."""
+        sample = self._calibration_sample(data_loader)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        self.block = self._new_block(sample).to(device)
+        optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
+        return ImprintedModel(module, self.block)
+
+    def attach(self, model: nn.Module, optimizer) -> "DMAuditor":
+        """Attach to a model and DP optimizer that are already private (``make_private`` does this for you)."""
+        if self._model is not None:
+            raise RuntimeError("this DMAuditor is already attached; create one auditor per training run")
+        if not hasattr(optimizer, "noise_multiplier") or not hasattr(optimizer, "step_hook"):
+            raise TypeError("attach() needs the DPOptimizer returned by PrivacyEngine.make_private")
+        self._model, self._optimizer = model, optimizer
+        if self.mode == "inline":
+            if self.block is None:
+                self.block = next((m for m in model.modules() if isinstance(m, ImprintBlock)), None)
+            if self.block is None:
+                raise ValueError("mode='inline' needs an ImprintBlock in the model: create the auditor before "
+                                 "make_private, or wrap your model in ImprintedModel yourself")
+            snapshot = self.block.parameter_snapshot()
+            self._capture = GradientCapture(optimizer, self.block.imprint, should_capture=self._is_audited,
+                                            on_capture=self._store_capture, after_step=self._after_step)
+            restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
+            self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
+        else:
+            self._handles.append(chain_step_hook(optimizer, lambda opt: self._after_step(self._steps + 1)))
+        self._handles.append(model.register_forward_pre_hook(self._on_forward))
+        return self
+
+    # ------------------------------------------------------------------ training thread
+    def _is_audited(self, step: int) -> bool:
+        return not (self._closed or self._stopped) and step % self.every == 0
+
+    def _on_forward(self, module, args) -> None:
+        if args and isinstance(args[0], torch.Tensor) and self._is_audited(self._steps + 1):
+            # The only work on the training thread: one copy of the batch.
+            self._pending.append(args[0].detach().to("cpu", copy=True))
+
+    def _store_capture(self, captured: CapturedGradients) -> None:
+        self._captured = captured
+
+    def _after_step(self, step: int) -> None:
+        self._steps = step
+        pending, self._pending = self._pending, []
+        captured, self._captured = self._captured, None
+        if not self._is_audited(step) or not pending:
+            return
+        optimizer = self._optimizer
+        accountant = getattr(self._engine, "accountant", None)
+        job = _Job(
+            step=step,
+            batch=torch.cat(pending),
+            captured=captured,
+            history=list(getattr(accountant, "history", [])),
+            noise_multiplier=float(optimizer.noise_multiplier),
+            max_grad_norm=float(optimizer.max_grad_norm),
+            expected_batch_size=int(optimizer.expected_batch_size or len(pending[0])),
+            loss_reduction=optimizer.loss_reduction,
+        )
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.dropped += 1
+            logger.warning("opacus_dmaudit: audit of step %d dropped (the auditor is still busy)", step)
+
+    # ------------------------------------------------------------------ worker thread
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._stopped:
+                    continue
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        record = self._audit(job)
+                else:
+                    record = self._audit(job)
+                self.records.append(record)
+                if self.on_audit is not None:
+                    self.on_audit(record)
+            except Exception:  # an audit must never take training down
+                self.errors += 1
+                logger.exception("opacus_dmaudit: audit failed%s",
+                                 "; auditing stopped" if self.on_error == "stop" else "")
+                if self.on_error == "stop":
+                    self._stopped = True
+            finally:
+                self._queue.task_done()
+
+    def _shadow_step(self, job: _Job) -> tuple[CapturedGradients, ImprintBlock]:
+        """One DP-SGD step of the auditor's own imprint model on the batch, through Opacus."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        batch = job.batch.float()
+        if self._shadow is None:
+            sample = self.calibration_images if self.calibration_images is not None else batch
+            block = self._new_block(sample.detach().float().cpu())
+            readout = nn.Linear(math.prod(block.image_shape), 1, bias=False)
+            nn.init.ones_(readout.weight)
+            readout.requires_grad_(False)  # only the imprint rows are released: the worst case for this sigma
+            model = GradSampleModule(nn.Sequential(block, nn.Flatten(), readout), loss_reduction=job.loss_reduction)
+            generator = torch.Generator().manual_seed(self.seed)
+            optimizer = DPOptimizer(torch.optim.SGD(block.parameters(), lr=0.0), noise_multiplier=job.noise_multiplier,
+                                    max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size,
+                                    loss_reduction=job.loss_reduction, generator=generator)
+            capture = GradientCapture(optimizer, block.imprint)
+            self._shadow = (model, optimizer, capture, block.parameter_snapshot())
+            self.block = block
+        model, optimizer, capture, snapshot = self._shadow
+        # The user's run may change these (e.g. a noise schedule); follow it.
+        optimizer.noise_multiplier, optimizer.max_grad_norm = job.noise_multiplier, job.max_grad_norm
+        optimizer.expected_batch_size = job.expected_batch_size
+        optimizer.zero_grad(set_to_none=True)
+        out = model(batch)
+        (out.mean() if job.loss_reduction == "mean" else out.sum()).backward()
+        optimizer.step()
+        self.block.restore(snapshot)
+        return capture.latest, self.block
+
+    def _audit(self, job: _Job) -> AuditRecord:
+        started = time.perf_counter()
+        notes: list[str] = []
+        if self.mode == "shadow":
+            captured, block = self._shadow_step(job)
+        else:
+            captured, block = job.captured, self.block
+            if captured is None:
+                raise RuntimeError(f"no gradients were captured at step {job.step}")
+            captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                            for k, v in asdict(captured).items()})
+        block = block.cpu()
+        recovered = recover_images(captured, block, scale=self.scale, originals=job.batch,
+                                   input_mean=self.input_mean, input_std=self.input_std)
+        epsilon = self._epsilon(job.history, notes)
+        base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=int(job.batch.shape[0]),
+                    collisions=int(len(recovered.collisions)), noise_multiplier=job.noise_multiplier,
+                    max_grad_norm=job.max_grad_norm, epsilon=epsilon, delta=self.delta,
+                    mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
+        if len(recovered) == 0:
+            record = AuditRecord(recovered=0, noise_std_median=None, t_start_median=None, from_prior=0, noisy={},
+                                 reconstructed={}, success={}, seconds=time.perf_counter() - started, notes=notes,
+                                 **base)
+            self._log(record, rows=None)
+            return record
+        keep = slice(None) if self.max_reconstructions is None else slice(0, self.max_reconstructions)
+        noisy = recovered.images[keep]
+        noise_std = estimate_noise_std(noisy) if self.estimate_noise else recovered.noise_std[keep]
+        originals = job.batch[recovered.sample_index[keep]].float()
+        if self.input_mean is not None or self.input_std is not None:
+            originals = denormalize(originals, mean=0.0 if self.input_mean is None else self.input_mean,
+                                    std=1.0 if self.input_std is None else self.input_std)
+        originals = originals.clamp(0, 1)
+        output = self.prior.reconstruct(noisy, noise_std, sampler=self.sampler, steps=self.steps,
+                                        seed=self.seed + job.step)
+        notes += output.notes
+        noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)
+        recon_values = self.image_metrics(output.images, originals)
+        success = {}
+        for name, thresholds in SUCCESS_THRESHOLDS.items():
+            values = recon_values.get(name)
+            if values is None:
+                continue
+            errors = 1.0 - values if name == "ssim" else values
+            for eta in thresholds:
+                success[f"{name}@{eta:g}"] = success_rate(errors, eta, lower_is_better=True)
+        record = AuditRecord(
+            recovered=len(noisy), noise_std_median=float(noise_std.median()),
+            t_start_median=float(output.t_start.double().median()), from_prior=int(output.from_prior.sum()),
+            noisy=summarize(noisy_values), reconstructed=summarize(recon_values), success=success,
+            seconds=time.perf_counter() - started, notes=notes, **base,
+        )
+        n = self.max_images
+        rows = [noisy[:n].clamp(0, 1), output.images[:n]]
+        if self.log_originals:
+            rows.insert(0, originals[:n])
+        self._log(record, rows=rows)
+        return record
+
+    def _epsilon(self, history: list, notes: list[str]) -> float | None:
+        accountant = getattr(self._engine, "accountant", None)
+        if accountant is None or not history:
+            return None
+        # A private copy of the accountant at the audited step: the training thread keeps appending to its own.
+        snapshot = type(accountant)()
+        snapshot.history = history
+        try:
+            return float(snapshot.get_epsilon(self.delta))
+        except Exception as exc:  # e.g. the PRV accountant's discretisation at tiny noise multipliers
+            notes.append(f"epsilon unavailable: {exc}")
+            return None
+
+    def _log(self, record: AuditRecord, *, rows: list[torch.Tensor] | None) -> None:
+        step = record.step
+        scalars: dict[str, float | None] = {
+            "audit/recovered_images": record.recovered,
+            "audit/collisions": record.collisions,
+            "audit/noise_std_median": record.noise_std_median,
+            "audit/t_start_median": record.t_start_median,
+            "privacy/epsilon": record.epsilon,
+            "privacy/mu_step": record.mu_step,
+            "privacy/noise_multiplier": record.noise_multiplier,
+        }
+        for name, value in record.noisy.items():
+            scalars[f"noisy/{name}"] = value
+        for name, value in record.reconstructed.items():
+            scalars[f"reconstructed/{name}"] = value
+        for name, value in record.success.items():
+            scalars[f"success_rate/{name}"] = value
+        self.writer.scalars(scalars, step=step)
+        if rows is not None:
+            self.writer.grid("audit/" + ("original_noisy_reconstructed" if self.log_originals
+                                         else "noisy_reconstructed"), rows, step=step)
+        self.writer.record(asdict(record))
+        self.writer.flush()
+
+    # ------------------------------------------------------------------ lifecycle
+    def wait(self) -> None:
+        """Block until every queued audit is done."""
+        self._queue.join()
+
+    def close(self) -> None:
+        """Finish queued audits, write hparams, close the logs and detach from the optimizer and model."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._worker.join()
+        for handle in self._handles:
+            handle.remove()
+        if self._capture is not None:
+            self._capture.detach()
+        last = self.records[-1] if self.records else None
+        final = {}
+        if last is not None:
+            final = {f"hparam/reconstructed_{k}": v for k, v in last.reconstructed.items()}
+            final["hparam/epsilon"] = last.epsilon
+        if final:
+            hparams = dict(self.settings())
+            hparams["noise_multiplier"] = last.noise_multiplier
+            self.writer.hparams(hparams, final)
+        self.writer.close()
+
+    def __enter__(self) -> "DMAuditor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""Capturing the imprint layer's gradients as Opacus releases them: clipped, summed, noised.
+
+Opacus's ``DPOptimizer.pre_step`` clips per-sample gradients into ``p.summed_grad``, adds noise into ``p.grad``,
+divides ``p.grad`` by ``expected_batch_size * accumulated_iterations`` (mean reduction), and only then calls
+``step_hook``, the single slot the privacy accountant uses. :class:`GradientCapture` chains that slot (the
+accountant still runs first) and copies the imprint layer's noisy gradient, undoing the division, together with
+the clean clipped sum that the oracle noise level needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CapturedGradients", "GradientCapture", "PerLayerClippingError", "StepHookHandle", "chain_step_hook"]
+
+
+class PerLayerClippingError(ValueError):
+    """Per-layer clipping scales an image row and its bias by different factors, which breaks the ratio."""
+
+
+@dataclass
+class CapturedGradients:
+    """The imprint layer's gradients of one DP-SGD step.
+
+    Attributes:
+        weight: noisy sum ``sum_j c_j dL_j/dW + N(0, (sigma C)^2)``, shape ``K×d`` (the batch-size division undone).
+        bias: the same for the bias, shape ``K``.
+        clean_weight: the clipped sum before noise (``p.summed_grad``), or ``None`` when not kept.
+        clean_bias: likewise for the bias.
+        coordinate_noise_std: std of the noise added to every coordinate of the sums, ``sigma * C``.
+        step: the optimizer step counter (1-based) at capture.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    clean_weight: torch.Tensor | None
+    clean_bias: torch.Tensor | None
+    coordinate_noise_std: float
+    step: int
+
+
+class StepHookHandle:
+    """Undoes :func:`chain_step_hook`."""
+
+    def __init__(self, optimizer, hook, previous) -> None:
+        self.optimizer, self.hook, self.previous = optimizer, hook, previous
+        self.active = True
+
+    def remove(self) -> None:
+        self.active = False  # if someone chained after us, our link stays but does nothing
+        if self.optimizer.step_hook is self.hook:
+            self.optimizer.step_hook = self.previous
+
+
+def chain_step_hook(optimizer, fn: Callable) -> StepHookHandle:
+    """Run ``fn(optimizer)`` after the optimizer's existing step hook (the privacy accountant's), never instead."""
+    previous = optimizer.step_hook
+    handle: StepHookHandle
+
+    def hook(opt) -> None:
+        if previous is not None:
+            previous(opt)
+        if handle.active:
+            fn(opt)
+
+    handle = StepHookHandle(optimizer, hook, previous)
+    optimizer.step_hook = hook
+    return handle
+
+
+def _unscale_factor(optimizer) -> float:
+    if getattr(optimizer, "loss_reduction", "mean") == "mean":
+        return float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
+    return 1.0
+
+
+class GradientCapture:
+    """Chains a ``DPOptimizer``'s step hook to capture an imprint layer's released gradients.
+
+    Args:
+        optimizer: the Opacus ``DPOptimizer`` (flat clipping).
+        layer: the imprint ``nn.Linear`` (its parameters must be among the optimizer's).
+        should_capture: called with the step number; capture only when it returns True (default: every step).
+        on_capture: called with each :class:`CapturedGradients`, on the training thread; keep it short.
+        keep_clean: also copy the clean clipped sums (the oracle).
+        after_step: called with the step number after every real (not skipped) step, captured or not.
+
+    Raises:
+        PerLayerClippingError: for per-layer clipping optimizers.
+        ValueError: if the layer's parameters are not optimised by ``optimizer``.
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        layer: nn.Linear,
+        *,
+        should_capture: Callable[[int], bool] | None = None,
+        on_capture: Callable[[CapturedGradients], None] | None = None,
+        keep_clean: bool = True,
+        after_step: Callable[[int], None] | None = None,
+    ) -> None:
+        from opacus.optimizers import DPPerLayerOptimizer
+
+        try:
+            from opacus.optimizers import DistributedPerLayerOptimizer
+        except ImportError:  # older opacus
+            DistributedPerLayerOptimizer = DPPerLayerOptimizer
+        if isinstance(optimizer, (DPPerLayerOptimizer, DistributedPerLayerOptimizer)):
+            raise PerLayerClippingError(
+                "per-layer clipping scales the imprint layer's weight and bias gradients differently, so "
+                "images cannot be read from their ratio; use flat clipping (clipping='flat') or shadow mode"
+            )
+        params = {id(p) for p in optimizer.params}
+        if id(layer.weight) not in params or layer.bias is None or id(layer.bias) not in params:
+            raise ValueError("the imprint layer's weight and bias must be trainable parameters of the DP optimizer")
+        self.optimizer = optimizer
+        self.layer = layer
+        self.should_capture = should_capture or (lambda step: True)
+        self.on_capture = on_capture
+        self.keep_clean = keep_clean
+        self.after_step = after_step
+        self.steps = 0
+        self.latest: CapturedGradients | None = None
+        self._lock = threading.Lock()
+        # The accountant (or whatever was there) keeps running first and unconditionally.
+        self._handle = chain_step_hook(optimizer, self._hook)
+
+    def _hook(self, optimizer) -> None:
+        self.steps += 1
+        try:
+            if self.should_capture(self.steps):
+                self._capture(optimizer)
+        finally:
+            if self.after_step is not None:
+                self.after_step(self.steps)
+
+    def _capture(self, optimizer) -> None:
+        factor = _unscale_factor(optimizer)
+        weight, bias = self.layer.weight, self.layer.bias
+        # Copies, so the optimizer's in-place update cannot change what the audit sees.
+        captured = CapturedGradients(
+            weight=weight.grad.detach().mul(factor),
+            bias=bias.grad.detach().mul(factor),
+            clean_weight=weight.summed_grad.detach().clone() if self.keep_clean else None,
+            clean_bias=bias.summed_grad.detach().clone() if self.keep_clean else None,
+            coordinate_noise_std=float(optimizer.noise_multiplier * optimizer.max_grad_norm),
+            step=self.steps,
+        )
+        with self._lock:
+            self.latest = captured
+        if self.on_capture is not None:
+            self.on_capture(captured)
+
+    def detach(self) -> None:
+        """Stop capturing and put the previous step hook back."""
+        self._handle.remove()

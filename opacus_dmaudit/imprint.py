@@ -1,0 +1,202 @@
+"""The imprint block: a linear binning layer that makes single training images readable from one layer's gradient.
+
+Fowl et al. 2022, "Robbing the Fed". A linear layer ``d -> K`` whose rows share one measurement vector ``w``
+(scaled per row), with biases at thresholds ``tau_1 < ... < tau_K`` calibrated from data quantiles, so that each
+sample activates rows according to its measurement ``w . x``. For a sample ``j`` alone in bin ``i``:
+``dL_j/dW_i = delta_ij x_j`` and ``dL_j/db_i = delta_ij``, so ``row gradient / bias gradient = x_j``.
+
+Two bin structures:
+
+* ``"sparse"`` (default): row ``i`` is ``clamp((w.x - tau_i) / width_i, 0, 1)``. Only the row whose interval holds
+  the sample has a non-zero derivative, so each sample spends its whole clipping budget on one row and the
+  ratio needs no difference of rows.
+* ``"cumulative"``: row ``i`` is ``relu(w.x - tau_i)``; a sample activates every row below its measurement and bin
+  ``i`` is the difference of rows ``i`` and ``i + 1`` (noise grows by sqrt(2), and the sample's gradient norm is
+  spread over all active rows).
+
+Read-out: the block returns ``x + gain * (r - stopgrad(r))`` with ``r = mean_i a_i`` broadcast over the image. Its
+value is exactly ``x``, so the downstream model trains on unchanged inputs, while the backward pass carries
+``gain * sum_k dL/dx'_k / K`` into every active row. Opacus clips and noises these per-sample gradients like any
+others (the DP mechanism is unchanged); the gain only decides how much of each sample's clipping budget the imprint
+rows take, and so how close the recovered noise gets to the floor ``sigma * sqrt(||x||^2 + 1)``. Equal read-out
+weights give every row the same ``delta``, which is what makes cumulative differences exact.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ImprintBlock", "ImprintedModel", "measurement_vector", "MEASUREMENTS"]
+
+MEASUREMENTS = ("brightness", "random", "dct")
+
+
+def measurement_vector(kind: str | torch.Tensor, *, image_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """The shared measurement vector ``w`` (length ``C*H*W``), scaled to unit norm.
+
+    Args:
+        kind: "brightness" (mean intensity), "random" (a Gaussian random projection), "dct" (the lowest
+            horizontal DCT-II mode: left-right brightness difference), or a tensor of ``C*H*W`` values.
+    """
+    channels, height, width = image_shape
+    size = channels * height * width
+    if isinstance(kind, torch.Tensor):
+        vector = kind.detach().float().reshape(-1)
+        if vector.numel() != size:
+            raise ValueError(f"measurement vector has {vector.numel()} values, images have {size} pixels")
+    elif kind == "brightness":
+        vector = torch.ones(size)
+    elif kind == "random":
+        vector = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+    elif kind == "dct":
+        columns = torch.arange(width, dtype=torch.float64)
+        mode = torch.cos(torch.pi * (columns + 0.5) / width)
+        vector = mode.view(1, 1, width).expand(channels, height, width).reshape(-1).float()
+    else:
+        raise ValueError(f"unknown measurement {kind!r}; choose from {', '.join(MEASUREMENTS)} or pass a tensor")
+    norm = vector.norm()
+    if not norm > 0:
+        raise ValueError("measurement vector must not be zero")
+    return vector / norm
+
+
+class ImprintBlock(nn.Module):
+    """Linear binning block placed in front of an image model.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the model's input.
+        bins: number of bins K.
+        structure: "sparse" or "cumulative" (see the module docstring).
+        measurement: see :func:`measurement_vector`.
+        gain: scale of the gradient that reaches the imprint rows (their share of each sample's clipping budget).
+        seed: seed of a random measurement vector.
+
+    Attributes:
+        imprint: the ``nn.Linear(C*H*W, K)`` whose gradients leak the images.
+        edges: ``K + 1`` bin edges in measurement units (bin ``i`` is ``[edges[i], edges[i+1])``).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_shape: Sequence[int],
+        bins: int = 64,
+        structure: str = "sparse",
+        measurement: str | torch.Tensor = "brightness",
+        gain: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+        if bins < 1:
+            raise ValueError(f"bins must be positive, got {bins}")
+        if structure not in ("sparse", "cumulative"):
+            raise ValueError(f"structure must be 'sparse' or 'cumulative', got {structure!r}")
+        if not gain > 0:
+            raise ValueError(f"gain must be positive, got {gain}")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.bins = bins
+        self.structure = structure
+        self.gain = float(gain)
+        size = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
+        self.imprint = nn.Linear(size, bins)
+        self.register_buffer("measurement", measurement_vector(measurement, image_shape=self.image_shape, seed=seed))
+        # Until calibrated, bins split the range a unit-norm measurement of [0, 1] images can take.
+        top = float(self.measurement.clamp(min=0).sum())
+        bottom = float(self.measurement.clamp(max=0).sum())
+        self.register_buffer("edges", torch.linspace(bottom, top, bins + 1))
+        self._set_parameters()
+
+    @property
+    def widths(self) -> torch.Tensor:
+        return self.edges[1:] - self.edges[:-1]
+
+    @torch.no_grad()
+    def _set_parameters(self) -> None:
+        w = self.measurement.to(self.imprint.weight)
+        edges = self.edges.to(self.imprint.weight)
+        if self.structure == "sparse":
+            scale = 1.0 / (edges[1:] - edges[:-1])
+            self.imprint.weight.copy_(scale[:, None] * w[None, :])
+            self.imprint.bias.copy_(-edges[:-1] * scale)
+        else:
+            self.imprint.weight.copy_(w.expand(self.bins, -1))
+            self.imprint.bias.copy_(-edges[:-1])
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor, *, margin: float = 0.5) -> "ImprintBlock":
+        """Set bin edges at the quantiles of the measurement over a data sample (equal-mass bins).
+
+        Args:
+            images: ``N×C×H×W`` sample of model inputs (in the same space the model sees, normalised or not).
+            margin: outermost bins extend by this fraction of their neighbour's width, for unseen extremes.
+        """
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"calibration images must be N×{'×'.join(map(str, self.image_shape))}, "
+                             f"got {tuple(images.shape)}")
+        values = self.measure(images).double()
+        if values.numel() < 2:
+            raise ValueError("calibration needs at least two images")
+        quantiles = torch.linspace(0, 1, self.bins + 1, dtype=torch.float64)
+        edges = torch.quantile(values, quantiles)
+        # Ties (constant images) would give empty, zero-width bins: keep edges strictly increasing.
+        span = float(values.max() - values.min()) or 1.0
+        minimum_gap = span * 1e-6
+        for i in range(1, edges.numel()):
+            edges[i] = torch.maximum(edges[i], edges[i - 1] + minimum_gap)
+        edges[0] -= margin * (edges[1] - edges[0]) + minimum_gap
+        edges[-1] += margin * (edges[-1] - edges[-2]) + minimum_gap
+        self.edges.copy_(edges.to(self.edges))
+        self._set_parameters()
+        return self
+
+    def measure(self, images: torch.Tensor) -> torch.Tensor:
+        """The measurement ``w . x`` of each image."""
+        return images.flatten(1).to(self.measurement) @ self.measurement
+
+    def assign_bins(self, images: torch.Tensor) -> torch.Tensor:
+        """Bin index of each image (-1 below the first edge, K at or above the last)."""
+        return torch.bucketize(self.measure(images).double(), self.edges.double().contiguous(), right=True) - 1
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.imprint(x.flatten(1))
+        return h.clamp(0.0, 1.0) if self.structure == "sparse" else torch.relu(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = self.activations(x).mean(dim=1)
+        # Zero in value, gain * d(level) in gradient: the model's inputs stay bit-identical.
+        shift = self.gain * (level - level.detach())
+        return x + shift.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+    def parameter_snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the imprint parameters, to restore the calibrated bins after a training step."""
+        return {name: p.detach().clone() for name, p in self.imprint.named_parameters()}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        for name, p in self.imprint.named_parameters():
+            p.copy_(snapshot[name])
+
+    def extra_repr(self) -> str:
+        return f"image_shape={self.image_shape}, bins={self.bins}, structure={self.structure!r}, gain={self.gain}"
+
+
+class ImprintedModel(nn.Module):
+    """``model(imprint(x))``: an imprint block in front of any image model; the model trains as before.
+
+    Args:
+        model: the user's image model.
+        imprint: the block; its ``image_shape`` must be the model's input shape.
+    """
+
+    def __init__(self, model: nn.Module, imprint: ImprintBlock) -> None:
+        super().__init__()
+        self.imprint_block = imprint
+        self.model = model
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self.model(self.imprint_block(x), *args, **kwargs)

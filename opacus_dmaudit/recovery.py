@@ -1,0 +1,157 @@
+"""Recovery: one noisy image per occupied bin from captured imprint gradients, with its noise level.
+
+For a sample ``j`` alone in bin ``i`` with clip factor ``c_j`` and upstream derivative ``delta_j``, the released
+row is ``G_W,i = c_j delta_j x_j + xi`` and the bias ``G_b,i = c_j delta_j + zeta`` (``xi, zeta ~ N(0, (sigma C)^2)``).
+With a scale ``lambda ~ c_j delta_j``, ``x_hat = G_W,i / lambda`` has per-pixel noise std ``sigma C / |lambda|``.
+
+The scale can be fixed three ways (``scale=``), and every result says which one produced it:
+
+* ``"oracle"``: the clean clipped bias sum (``p.summed_grad``), the seed paper's worst case where the rescaling is
+  known. Exact noise level.
+* ``"bin-measurement"``: the attacker's estimate. The bin tells the attacker the sample's measurement (e.g. mean
+  brightness) up to the bin width, so the row is rescaled until its measurement sits at the bin's centre. Sound
+  under heavy noise, because the measurement averages the noise over all pixels.
+* ``"noisy-bias"``: divide by the noised bias gradient. Only sound at tiny noise; once the bias noise dominates
+  the clipped bias gradient the ratio is noise over noise (kept for comparison).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from opacus_dmaudit.capture import CapturedGradients
+from opacus_dmaudit.data import denormalize
+from opacus_dmaudit.imprint import ImprintBlock
+
+__all__ = ["SCALES", "RecoveredImages", "recover_images"]
+
+SCALES = ("oracle", "bin-measurement", "noisy-bias")
+
+
+@dataclass
+class RecoveredImages:
+    """Noisy images recovered from one step's imprint gradients.
+
+    Attributes:
+        images: ``n×C×H×W`` recovered images (pixel space when a normalisation was given), noise included.
+        noise_std: per-image per-pixel noise std in the same units.
+        bins: the bin each image came from.
+        sample_index: the batch position of the sample each image shows (-1 when the originals are unknown).
+        bin_counts: samples per bin (``K``) when the originals are known, else ``None``.
+        collisions: bins that held more than one sample (their mixtures are not returned), when known.
+        scale: how the scale was fixed (one of ``SCALES``).
+    """
+
+    images: torch.Tensor
+    noise_std: torch.Tensor
+    bins: torch.Tensor
+    sample_index: torch.Tensor
+    bin_counts: torch.Tensor | None
+    collisions: torch.Tensor
+    scale: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _per_bin(rows: torch.Tensor, structure: str) -> torch.Tensor:
+    """Per-bin sums from per-row sums: cumulative bins are differences of adjacent rows."""
+    if structure == "sparse":
+        return rows
+    return torch.cat([rows[:-1] - rows[1:], rows[-1:]])
+
+
+def recover_images(
+    captured: CapturedGradients,
+    block: ImprintBlock,
+    *,
+    scale: str = "oracle",
+    originals: torch.Tensor | None = None,
+    input_mean: Sequence[float] | float | None = None,
+    input_std: Sequence[float] | float | None = None,
+    detection_threshold: float = 4.0,
+) -> RecoveredImages:
+    """Recover one image per singly-occupied bin.
+
+    Args:
+        captured: the step's captured gradients.
+        block: the imprint block that produced them (for its bins, measurement and structure).
+        scale: one of ``SCALES``.
+        originals: the step's batch as the model saw it (model-input space). When given, bins are occupied by
+            exactly the samples whose measurement falls in them, collisions are known and each image is matched
+            to its sample; otherwise occupied bins are detected from the bias gradient.
+        input_mean / input_std: the model's input normalisation, to map images and noise back to pixel space.
+        detection_threshold: without originals, a bin counts as occupied when its bias gradient exceeds this
+            many noise stds (or is non-zero, when the clean sum is known).
+
+    Raises:
+        ValueError: for an unknown scale, missing clean sums with the oracle, or mismatched shapes.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if scale == "oracle" and captured.clean_bias is None:
+        raise ValueError("the oracle scale needs the clean clipped sums; capture with keep_clean=True")
+    bins = block.bins
+    if captured.weight.shape != (bins, math.prod(block.image_shape)):
+        raise ValueError(f"captured weight gradient has shape {tuple(captured.weight.shape)}, the block expects "
+                         f"({bins}, {math.prod(block.image_shape)})")
+    structure = block.structure
+    weight = _per_bin(captured.weight.double(), structure)
+    bias = _per_bin(captured.bias.double(), structure)
+    clean_bias = None if captured.clean_bias is None else _per_bin(captured.clean_bias.double(), structure)
+    coordinate_std = torch.full((bins,), captured.coordinate_noise_std, dtype=torch.float64)
+    if structure == "cumulative":
+        coordinate_std[:-1] *= math.sqrt(2.0)  # the difference of two independently noised rows
+
+    if originals is not None:
+        if tuple(originals.shape[1:]) != block.image_shape:
+            raise ValueError(f"originals have shape {tuple(originals.shape)}, the block expects N×{block.image_shape}")
+        assignment = block.assign_bins(originals.detach().cpu())
+        valid = (assignment >= 0) & (assignment < bins)
+        counts = torch.bincount(assignment[valid], minlength=bins)
+        occupied = counts == 1
+        collisions = torch.nonzero(counts > 1).flatten()
+        owner = torch.full((bins,), -1, dtype=torch.long)
+        positions = torch.nonzero(valid).flatten()
+        owner[assignment[positions]] = positions  # unique for singly-occupied bins, which are the ones used
+    else:
+        counts = None
+        collisions = torch.zeros(0, dtype=torch.long)
+        owner = torch.full((bins,), -1, dtype=torch.long)
+        if clean_bias is not None:
+            occupied = clean_bias.cpu() != 0
+        else:
+            occupied = bias.abs().cpu() > detection_threshold * coordinate_std
+
+    if scale == "oracle":
+        lam = clean_bias
+    elif scale == "noisy-bias":
+        lam = bias
+    else:
+        centres = ((block.edges[:-1] + block.edges[1:]) / 2).double().to(weight.device)
+        lam = (weight @ block.measurement.double().to(weight.device)) / centres
+    lam = lam.cpu()
+    occupied &= lam != 0
+    index = torch.nonzero(occupied).flatten()
+    images = (weight.cpu()[index] / lam[index, None]).float().view(-1, *block.image_shape)
+    noise_std = (coordinate_std[index] / lam[index].abs()).double()
+
+    if input_std is not None or input_mean is not None:
+        mean = 0.0 if input_mean is None else input_mean
+        std = 1.0 if input_std is None else input_std
+        images = denormalize(images, mean=mean, std=std)
+        std_t = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
+        noise_std = noise_std * float(std_t.pow(2).mean().sqrt())  # RMS over channels: one level per image
+    return RecoveredImages(
+        images=images,
+        noise_std=noise_std,
+        bins=index,
+        sample_index=owner[index],
+        bin_counts=counts,
+        collisions=collisions,
+        scale=scale,
+    )

@@ -1,0 +1,32 @@
+"""Shared fixtures: real Fashion-MNIST test images and a tiny diffusers prior made on the fly."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*kept in float32.*")
+
+
+@pytest.fixture(scope="session")
+def fashion_images() -> torch.Tensor:
+    from opacus_dmaudit.data import load_images
+
+    return load_images("fashion-mnist", limit=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_prior_dir(tmp_path_factory) -> str:
+    """A DDPMPipeline folder with a tiny random UNet (32×32, 1 channel): fast, real diffusers files."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )
+    path = tmp_path_factory.mktemp("priors") / "tiny"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    return str(path)

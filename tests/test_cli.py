@@ -1,0 +1,68 @@
+"""The CLI end to end, in a subprocess as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+FASHION_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "opacus_dmaudit", *args], capture_output=True, text=True,
+                          cwd=cwd, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+
+
+def test_reconstruct_end_to_end(tmp_path, tiny_prior_dir):
+    out = run_cli("reconstruct", "--prior", tiny_prior_dir, "--images", FASHION_TEST, "--noise-std", "0.1", "0.5",
+                  "--sampler", "ddim", "--steps", "3", "--limit", "6", "--json", str(tmp_path / "r.json"),
+                  "--grid", str(tmp_path / "g.png"))
+    assert out.returncode == 0, out.stderr
+    assert "recon PSNR" in out.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n_images"] == 6 and result["sampler"] == "ddim" and result["steps"] == 3
+    assert [level["noise_std"] for level in result["levels"]] == [0.1, 0.5]
+    level = result["levels"][0]
+    assert set(level) >= {"noise_std", "t_start", "noisy", "reconstructed", "seconds"}
+    assert set(level["noisy"]) == {"mse", "psnr", "ssim", "lpips"} and level["t_start"] == 57
+    assert (tmp_path / "g.png").stat().st_mode & 0o077 == 0  # training images: owner-only
+    again = run_cli("reconstruct", "--prior", tiny_prior_dir, "--images", FASHION_TEST, "--noise-std", "0.1",
+                    "--limit", "2", "--steps", "1", "--json", str(tmp_path / "r.json"))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--images", "/no/such/file.gz"], "not found"),
+        (["--noise-std", "-0.5"], "finite number >= 0"),
+        (["--prior", "/tmp"], "not a DDPM pipeline folder"),
+        (["--prior", "google/ddpm-cifar10-32"], "HF_HUB_OFFLINE"),
+        (["--images", "CORRUPT"], "cannot read"),
+        (["--images", "WRONGSHAPE"], "shaped"),
+    ],
+)
+def test_bad_inputs_give_one_line_errors(tmp_path, tiny_prior_dir, args, message):
+    (tmp_path / "bad.idx.gz").write_bytes(b"garbage")
+    import numpy as np
+
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 2, 2, 2, 2)))
+    base = {"--prior": tiny_prior_dir, "--images": FASHION_TEST, "--noise-std": "0.1"}
+    given = dict(zip(args[::2], args[1::2]))
+    given = {k: {"CORRUPT": str(tmp_path / "bad.idx.gz"), "WRONGSHAPE": str(tmp_path / "wrong.npy")}.get(v, v)
+             for k, v in given.items()}
+    base.update(given)
+    argv = ["reconstruct", "--limit", "2", "--steps", "1"] + [x for kv in base.items() for x in kv]
+    out = run_cli(*argv)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_train_prior_cli(tmp_path):
+    out = run_cli("train-prior", "--images", "fashion-mnist:train", "--limit", "64", "--out", str(tmp_path / "p"),
+                  "--model-size", "tiny", "--epochs", "1", "--batch-size", "32", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "p" / "unet" / "config.json").is_file() and "trained 2 steps" in out.stdout

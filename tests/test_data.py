@@ -1,0 +1,105 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from opacus_dmaudit.data import (
+    ImageLoadError,
+    adapt_to_prior,
+    denormalize,
+    load_images,
+    read_idx,
+    restore_from_prior,
+)
+
+
+def _write_idx(path, array, *, compress):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path, compress):
+    array = np.random.default_rng(0).integers(0, 256, size=(5, 7, 6))
+    path = tmp_path / ("x.idx.gz" if compress else "x.idx")
+    _write_idx(path, array, compress=compress)
+    images = load_images(path)
+    assert images.shape == (5, 1, 7, 6)
+    assert torch.allclose(images * 255, torch.as_tensor(array[:, None], dtype=torch.float32))
+
+
+def test_fashion_mnist_is_real_and_in_range(fashion_images):
+    assert fashion_images.shape == (256, 1, 28, 28)
+    assert 0.0 <= float(fashion_images.min()) and float(fashion_images.max()) <= 1.0
+    assert float(fashion_images.std()) > 0.2  # real clothing images, not blanks
+
+
+def test_numpy_folder_and_dataset_sources(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", rgb)
+    np.savez(tmp_path / "b.npz", images=rgb)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, image in enumerate(rgb):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    expected = torch.as_tensor(rgb).permute(0, 3, 1, 2).float() / 255
+    for source in (tmp_path / "a.npy", tmp_path / "b.npz", folder):
+        assert torch.allclose(load_images(source), expected)
+    dataset = torch.utils.data.TensorDataset(expected, torch.zeros(3))
+    assert torch.allclose(load_images(dataset, limit=2), expected[:2])
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_images(tmp_path / "missing.idx")
+    corrupt = tmp_path / "c.idx.gz"
+    corrupt.write_bytes(b"not gzip at all")
+    with pytest.raises(ImageLoadError, match="cannot read"):
+        load_images(corrupt)
+    truncated = tmp_path / "t.idx"
+    _write_idx(truncated, np.zeros((4, 5, 5)), compress=False)
+    truncated.write_bytes(truncated.read_bytes()[:-3])
+    with pytest.raises(ImageLoadError, match="truncated"):
+        read_idx(truncated)
+    np.save(tmp_path / "wrong.npy", np.zeros((2, 5, 5, 5, 5)))
+    with pytest.raises(ImageLoadError, match="shaped"):
+        load_images(tmp_path / "wrong.npy")
+    np.save(tmp_path / "range.npy", np.full((2, 5, 5), -3.0))
+    with pytest.raises(ImageLoadError, match="denormalize"):
+        load_images(tmp_path / "range.npy")
+    with pytest.raises(ImageLoadError, match="positive"):
+        load_images(tmp_path / "range.npy", limit=0)
+
+
+def test_adapt_pad_and_restore_is_exact(fashion_images):
+    adapted, adaptation = adapt_to_prior(fashion_images[:4], resolution=32, channels=1)
+    assert adapted.shape == (4, 1, 32, 32) and adaptation.spatial == "pad" and adaptation.noise_gain == 1.0
+    assert float(adapted[..., :2, :].abs().max()) == 0.0
+    assert torch.equal(restore_from_prior(adapted, adaptation), fashion_images[:4])
+
+
+def test_adapt_resize_and_channels_measure_noise_gain(fashion_images):
+    adapted, adaptation = adapt_to_prior(fashion_images[:4], resolution=64, channels=3, spatial="resize")
+    assert adapted.shape == (4, 3, 64, 64) and adaptation.channel == "gray->rgb"
+    back = restore_from_prior(adapted, adaptation)
+    assert back.shape == (4, 1, 28, 28)
+    assert float((back - fashion_images[:4]).abs().mean()) < 0.05
+    rgb = fashion_images[:2].expand(-1, 3, -1, -1)
+    _, to_gray = adapt_to_prior(rgb, resolution=28, channels=1)
+    # Luma of three independent noise channels: sqrt(.299^2 + .587^2 + .114^2) = 0.668.
+    assert to_gray.channel == "rgb->gray" and abs(to_gray.noise_gain - 0.668) < 0.02
+
+
+def test_denormalize_inverts_normalisation():
+    x = torch.rand(2, 3, 4, 4)
+    mean, std = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
+    normalised = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(denormalize(normalised, mean=mean, std=std), x, atol=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        denormalize(x, mean=0.0, std=0.0)

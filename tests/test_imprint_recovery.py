@@ -1,0 +1,133 @@
+"""Imprint recovery through real Opacus DP-SGD steps (make_private, flat clipping, Gaussian noise)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus import PrivacyEngine
+
+from opacus_dmaudit.capture import GradientCapture, PerLayerClippingError
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
+from opacus_dmaudit.recovery import recover_images
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _private_imprinted_model(images, *, sigma, structure="sparse", bins=128, batch=64, gain=1e3, clipping="flat"):
+    torch.manual_seed(0)
+    block = ImprintBlock(image_shape=(1, 28, 28), bins=bins, structure=structure, gain=gain).calibrate(images)
+    head = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+    model = ImprintedModel(head, block)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    labels = torch.randint(0, 10, (images.shape[0],), generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch)
+    engine = PrivacyEngine(accountant="rdp")
+    extra = {}
+    if clipping == "per_layer":
+        extra = dict(clipping="per_layer", max_grad_norm=[1.0] * len(list(model.parameters())))
+    else:
+        extra = dict(max_grad_norm=1.0)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, poisson_sampling=False, **extra
+    )
+    return engine, block, model, optimizer, loader
+
+
+def _steps(model, optimizer, loader, capture, block, *, scale="oracle"):
+    results = []
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        # The block is restored after each step so its bins stay calibrated, as the auditor does.
+        results.append((x, recover_images(capture.latest, block, scale=scale, originals=x)))
+    return results
+
+
+@pytest.mark.parametrize("structure", ["sparse", "cumulative"])
+def test_noise_free_step_returns_batch_images_exactly(fashion_images, structure):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:64], sigma=0.0,
+                                                                     structure=structure)
+    capture = GradientCapture(optimizer, block.imprint)
+    (x, recovered), = _steps(model, optimizer, loader, capture, block)
+    assert len(recovered) >= 20, "too few singly-occupied bins to test"
+    assert (recovered.sample_index >= 0).all()
+    error = (recovered.images - x[recovered.sample_index]).abs().max()
+    assert float(error) < (1e-5 if structure == "sparse" else 2e-4)  # float32 ratios (and row differences)
+    assert int(recovered.bin_counts.sum()) <= 64
+    assert len(recovered.collisions) == int((recovered.bin_counts > 1).sum())
+
+
+def test_noise_matches_predicted_std(fashion_images):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images, sigma=0.5)
+    snapshot = block.parameter_snapshot()
+    capture = GradientCapture(optimizer, block.imprint, on_capture=lambda c: None)
+    ratios, count = [], 0
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        recovered = recover_images(capture.latest, block, scale="oracle", originals=x)
+        block.restore(snapshot)
+        error = recovered.images - x[recovered.sample_index]
+        ratios.append(error.flatten(1) / recovered.noise_std[:, None].float())
+        count += len(recovered)
+    z = torch.cat(ratios)
+    assert count >= 80
+    assert abs(float(z.std()) - 1.0) < 0.10
+    assert abs(float(z.mean())) < 0.05
+    # Noise can never beat the floor DP allows: sigma * sqrt(||x||^2 + 1).
+    assert float(recovered.noise_std.min()) >= 0.5 * float((x.flatten(1).norm(dim=1).min() ** 2 + 1) ** 0.5) * 0.99
+
+
+def test_capture_chains_the_accountant_hook(fashion_images):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:128], sigma=1.0)
+    capture = GradientCapture(optimizer, block.imprint, should_capture=lambda step: step % 2 == 0)
+    seen = []
+    for x, y in loader:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        seen.append(capture.latest)
+    assert seen[0] is None and seen[1] is not None
+    assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 2  # both steps accounted
+    assert capture.steps == 2 and capture.latest.step == 2
+    previous = capture._handle.previous
+    capture.detach()
+    assert optimizer.step_hook is previous is not None  # the accountant's hook is back
+
+
+def test_attacker_scales_without_clean_sums(fashion_images):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:64], sigma=0.0)
+    capture = GradientCapture(optimizer, block.imprint, keep_clean=False)
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="keep_clean"):
+        recover_images(capture.latest, block, scale="oracle")
+    exact = recover_images(capture.latest, block, scale="noisy-bias", originals=x)
+    assert float((exact.images - x[exact.sample_index]).abs().max()) < 1e-5
+    estimated = recover_images(capture.latest, block, scale="bin-measurement", originals=x)
+    # The bin fixes the brightness only to within its width: close, not exact.
+    assert float((estimated.images - x[estimated.sample_index]).abs().mean()) < 0.02
+    detected = recover_images(capture.latest, block, scale="noisy-bias")
+    assert set(detected.bins.tolist()) >= set(exact.bins.tolist()) and (detected.sample_index == -1).all()
+
+
+def test_per_layer_clipping_is_refused(fashion_images):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:64], sigma=1.0,
+                                                                     clipping="per_layer")
+    with pytest.raises(PerLayerClippingError, match="flat clipping"):
+        GradientCapture(optimizer, block.imprint)
+
+
+def test_imprint_block_leaves_model_inputs_unchanged(fashion_images):
+    block = ImprintBlock(image_shape=(1, 28, 28), bins=16, gain=1e6).calibrate(fashion_images)
+    x = fashion_images[:8]
+    assert torch.equal(block(x), x)
+    assert ((block.assign_bins(fashion_images) >= 0) & (block.assign_bins(fashion_images) < 16)).all()
+    counts = torch.bincount(block.assign_bins(fashion_images), minlength=16)
+    assert int(counts.min()) >= 256 // 16 - 2  # quantile edges: equal-mass bins
+    with pytest.raises(ValueError, match="structure"):
+        ImprintBlock(image_shape=(1, 28, 28), structure="dense")

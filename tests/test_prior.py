@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from opacus_dmaudit.prior import DiffusionPrior, PriorLoadError
+
+
+def test_t_star_matches_hand_computed_table(tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    # Linear betas 1e-4 .. 0.02, T = 1000, computed independently in numpy; DESIGN.md's table agrees.
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    sigma = np.sqrt((1 - abar) / abar)
+    assert np.allclose(prior.sigmas.numpy(), sigma, rtol=1e-3)  # diffusers keeps abar in float32
+    table = {0.05: 26, 0.2: 117, 0.8: 351, 1.6: 487, 6.4: 709}
+    stds = torch.tensor(list(table))
+    assert prior.match_timestep(2 * stds).tolist() == list(table.values())
+    assert [int(np.argmin(np.abs(sigma - 2 * s))) for s in table] == list(table.values())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_samplers_are_reproducible_with_a_seed(tiny_prior_dir, fashion_images, sampler):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    noisy = fashion_images[:3] + 0.05 * torch.randn(3, 1, 28, 28)
+    run = lambda seed: prior.reconstruct(noisy, [0.05, 0.02, 0.05], sampler=sampler, steps=5, seed=seed)  # noqa
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.images, b.images)
+    assert a.images.shape == (3, 1, 28, 28) and a.t_start.tolist() == [26, 8, 26]
+    if sampler == "ddpm":
+        assert not torch.equal(a.images, c.images)  # the seed drives the ancestral noise
+
+
+def test_noise_above_sigma_T_falls_back_to_prior_samples(tiny_prior_dir, fashion_images):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    out = prior.reconstruct(fashion_images[:2], [0.1, 1e4], steps=2)
+    assert out.from_prior.tolist() == [False, True]
+    assert out.t_start[1] == 999 and "samples of the prior" in out.notes[0]
+
+
+def test_bad_reconstruct_arguments(tiny_prior_dir, fashion_images):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    with pytest.raises(ValueError, match="non-negative"):
+        prior.reconstruct(fashion_images[:2], -0.1)
+    with pytest.raises(ValueError, match="sampler"):
+        prior.reconstruct(fashion_images[:2], 0.1, sampler="euler")
+    with pytest.raises(ValueError, match="2 images"):
+        prior.reconstruct(fashion_images[:2], [0.1, 0.2, 0.3])
+
+
+def test_load_errors_name_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(PriorLoadError, match="not a DDPM pipeline folder"):
+        DiffusionPrior.from_pretrained(tmp_path)
+    with pytest.raises(PriorLoadError, match="no such folder"):
+        DiffusionPrior.from_pretrained(tmp_path / "nope")
+    with pytest.raises(PriorLoadError, match="unknown prior"):
+        DiffusionPrior.from_pretrained("mnist")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PriorLoadError, match="HF_HUB_OFFLINE") as info:
+        DiffusionPrior.from_pretrained("google/ddpm-cifar10-32")
+    assert "cache" in str(info.value) and "fashion-mnist" in str(info.value)
+
+
+def test_pickle_checkpoints_need_opt_in(tiny_prior_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_prior_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(PriorLoadError, match="allow_pickle"):
+        DiffusionPrior.from_pretrained(folder)
+    assert DiffusionPrior.from_pretrained(folder, allow_pickle=True, device="cpu").channels == 1
+
+
+def test_shipped_prior_loads_offline_and_denoises(fashion_images, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    prior = DiffusionPrior.from_pretrained("fashion-mnist", device="cpu")
+    assert (prior.resolution, prior.channels) == (32, 1)
+    x = fashion_images[:4]
+    noisy = x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    out = prior.reconstruct(noisy, 0.2, sampler="ddim", steps=10)
+    noisy_mse = float(((noisy - x) ** 2).mean())
+    recon_mse = float(((out.images - x) ** 2).mean())
+    assert recon_mse < noisy_mse / 3, (recon_mse, noisy_mse)
