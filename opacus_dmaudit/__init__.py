@@ -5,6 +5,7 @@ gradients from real DP-SGD steps) -> ``recovery`` (noisy images and their noise 
 model denoising from a matched timestep) -> ``metrics`` -> ``report``.
 """
 
+from opacus_dmaudit.auditor import AuditRecord, DMAuditor
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError
 from opacus_dmaudit.data import ImageLoadError, adapt_to_prior, denormalize, load_images, restore_from_prior
 from opacus_dmaudit.evaluation import PriorEvaluation, evaluate_prior
@@ -18,7 +19,9 @@ from opacus_dmaudit.training import PriorTrainingConfig, train_prior
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditRecord",
     "CapturedGradients",
+    "DMAuditor",
     "DiffusionPrior",
     "GradientCapture",
     "ImageLoadError",

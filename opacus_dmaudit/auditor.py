@@ -187,13 +187,24 @@ class DMAuditor:
         self.calibration_images = calibration_images
         self.on_error, self.on_audit = on_error, on_audit
         self.log_originals = log_originals
-        self.prior = prior if isinstance(prior, DiffusionPrior) else DiffusionPrior.from_pretrained(prior, device=device)
+        # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
+        self.active = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                           and torch.distributed.get_rank() != 0)
+        self.log_dir = Path(log_dir)
+        self.prior = prior if isinstance(prior, DiffusionPrior) else None
         self.image_metrics = ImageMetrics(metrics=tuple(metrics), device=None)
-        self.writer = AuditLogWriter(log_dir, log_originals=log_originals)
-        self.log_dir = self.writer.log_dir
+        if self.active:
+            # Loading initialises networks randomly before the weights arrive: keep the user's RNG untouched.
+            with torch.random.fork_rng(devices=[]):
+                if self.prior is None:
+                    self.prior = DiffusionPrior.from_pretrained(prior, device=device)
+                self.image_metrics.prepare()
+            self.writer = AuditLogWriter(log_dir, log_originals=log_originals)
+            self.log_dir = self.writer.log_dir
         self.records: list[AuditRecord] = []
         self.dropped = 0
         self.errors = 0
+        self.blocking_seconds = 0.0  # time the training thread spent in the auditor's hooks
         self.block: ImprintBlock | None = None
         self._engine = privacy_engine
         self._model = self._optimizer = None
@@ -204,12 +215,20 @@ class DMAuditor:
         self._handles: list[Any] = []
         self._closed = False
         self._stopped = False
+        self._inside_make_private = False
+        # Inline under torch.distributed: every rank joins the capture's collectives; rank 0 audits.
+        self._distributed_inline = mode == "inline" and torch.distributed.is_available() and \
+            torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         self._shadow: tuple[nn.Module, Any, GradientCapture, dict] | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=int(queue_size))
-        self._stream = torch.cuda.Stream(self.prior.device) if self.prior.device.type == "cuda" else None
-        self._worker = threading.Thread(target=self._work, name="opacus-dmaudit", daemon=True)
-        self._worker.start()
-        self.writer.config(self.settings())
+        self._stream = None
+        self._worker: threading.Thread | None = None
+        if self.active:
+            if self.prior.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self.prior.device)
+            self._worker = threading.Thread(target=self._work, name="opacus-dmaudit", daemon=True)
+            self._worker.start()
+            self.writer.config(self.settings())
         if privacy_engine is not None:
             self._intercept(privacy_engine)
 
@@ -218,7 +237,8 @@ class DMAuditor:
         return dict(mode=self.mode, every=self.every, bins=self.bins, imprint=self.structure,
                     measurement=self.measurement if isinstance(self.measurement, str) else "custom",
                     gain=self.gain, scale=self.scale, estimate_noise=self.estimate_noise, sampler=self.sampler,
-                    steps=self.steps, prior=self.prior.name, delta=self.delta, log_originals=self.log_originals,
+                    steps=self.steps, prior=getattr(self.prior, "name", None), delta=self.delta,
+                    log_originals=self.log_originals,
                     lpips=self.image_metrics.lpips_reason)
 
     def _intercept(self, engine) -> None:
@@ -228,6 +248,16 @@ class DMAuditor:
 
     def _wrap_make_private(self, original: Callable) -> Callable:
         def make_private(*args, **kwargs):
+            if self._inside_make_private:
+                # make_private_with_epsilon calls make_private: the outer call wraps and attaches, once.
+                return original(*args, **kwargs)
+            self._inside_make_private = True
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                self._inside_make_private = False
+
+        def wrapped(*args, **kwargs):
             if self.mode == "inline":
                 if kwargs.get("clipping", "flat") != "flat":
                     raise PerLayerClippingError(
@@ -237,7 +267,14 @@ class DMAuditor:
                 module, optimizer = kwargs.get("module"), kwargs.get("optimizer")
                 if module is None or optimizer is None:
                     raise ValueError("call make_private with keyword arguments module=..., optimizer=...")
-                kwargs["module"] = self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader"))
+                from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+                if isinstance(module, DPDDP):
+                    # The block goes inside DPDDP: Opacus recognises distributed training by the outer wrapper.
+                    inner = self.wrap_model(module.module, optimizer, data_loader=kwargs.get("data_loader"))
+                    kwargs["module"] = DPDDP(inner)
+                else:
+                    kwargs["module"] = self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader"))
             result = original(*args, **kwargs)
             self.attach(result[0], result[1])
             return result
@@ -277,6 +314,8 @@ class DMAuditor:
         if not hasattr(optimizer, "noise_multiplier") or not hasattr(optimizer, "step_hook"):
             raise TypeError("attach() needs the DPOptimizer returned by PrivacyEngine.make_private")
         self._model, self._optimizer = model, optimizer
+        if not self.active and not self._distributed_inline:
+            return self
         if self.mode == "inline":
             if self.block is None:
                 self.block = next((m for m in model.modules() if isinstance(m, ImprintBlock)), None)
@@ -295,21 +334,42 @@ class DMAuditor:
 
     # ------------------------------------------------------------------ training thread
     def _is_audited(self, step: int) -> bool:
+        if self._distributed_inline:
+            return step % self.every == 0  # the same on every rank, or the collectives would hang
         return not (self._closed or self._stopped) and step % self.every == 0
 
     def _on_forward(self, module, args) -> None:
         if args and isinstance(args[0], torch.Tensor) and self._is_audited(self._steps + 1):
+            started = time.perf_counter()
             # The only work on the training thread: one copy of the batch.
             self._pending.append(args[0].detach().to("cpu", copy=True))
+            self.blocking_seconds += time.perf_counter() - started
 
     def _store_capture(self, captured: CapturedGradients) -> None:
         self._captured = captured
 
     def _after_step(self, step: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._enqueue(step)
+        finally:
+            self.blocking_seconds += time.perf_counter() - started
+
+    def _enqueue(self, step: int) -> None:
         self._steps = step
         pending, self._pending = self._pending, []
         captured, self._captured = self._captured, None
-        if not self._is_audited(step) or not pending:
+        if not self._is_audited(step):
+            return
+        if self._distributed_inline:
+            # Rank 0 needs every rank's samples to match bins to images: gather the batches in rank order.
+            local = torch.cat(pending) if pending else torch.zeros(0)
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, local)
+            if not self.active or self._stopped:
+                return
+            pending = [t for t in gathered if t is not None and t.numel()]
+        if not pending:
             return
         optimizer = self._optimizer
         accountant = getattr(self._engine, "accountant", None)
@@ -364,7 +424,7 @@ class DMAuditor:
         if self._shadow is None:
             sample = self.calibration_images if self.calibration_images is not None else batch
             block = self._new_block(sample.detach().float().cpu())
-            readout = nn.Linear(math.prod(block.image_shape), 1, bias=False)
+            readout = nn.utils.skip_init(nn.Linear, math.prod(block.image_shape), 1, bias=False)
             nn.init.ones_(readout.weight)
             readout.requires_grad_(False)  # only the imprint rows are released: the worst case for this sigma
             model = GradSampleModule(nn.Sequential(block, nn.Flatten(), readout), loss_reduction=job.loss_reduction)
@@ -389,6 +449,20 @@ class DMAuditor:
     def _audit(self, job: _Job) -> AuditRecord:
         started = time.perf_counter()
         notes: list[str] = []
+        base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=int(job.batch.shape[0]),
+                    noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
+                    epsilon=self._epsilon(job.history, notes), delta=self.delta,
+                    mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
+
+        def nothing_recovered(collisions: int) -> AuditRecord:
+            record = AuditRecord(recovered=0, collisions=collisions, noise_std_median=None, t_start_median=None,
+                                 from_prior=0, noisy={}, reconstructed={}, success={},
+                                 seconds=time.perf_counter() - started, notes=notes, **base)
+            self._log(record, rows=None)
+            return record
+
+        if job.batch.shape[0] == 0:  # an empty Poisson batch
+            return nothing_recovered(0)
         if self.mode == "shadow":
             captured, block = self._shadow_step(job)
         else:
@@ -397,20 +471,12 @@ class DMAuditor:
                 raise RuntimeError(f"no gradients were captured at step {job.step}")
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
-        block = block.cpu()
+        block = block.cpu_copy()  # never move the live block: inline, it is part of the user's model
         recovered = recover_images(captured, block, scale=self.scale, originals=job.batch,
                                    input_mean=self.input_mean, input_std=self.input_std)
-        epsilon = self._epsilon(job.history, notes)
-        base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=int(job.batch.shape[0]),
-                    collisions=int(len(recovered.collisions)), noise_multiplier=job.noise_multiplier,
-                    max_grad_norm=job.max_grad_norm, epsilon=epsilon, delta=self.delta,
-                    mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
+        base["collisions"] = int(len(recovered.collisions))
         if len(recovered) == 0:
-            record = AuditRecord(recovered=0, noise_std_median=None, t_start_median=None, from_prior=0, noisy={},
-                                 reconstructed={}, success={}, seconds=time.perf_counter() - started, notes=notes,
-                                 **base)
-            self._log(record, rows=None)
-            return record
+            return nothing_recovered(base.pop("collisions"))
         keep = slice(None) if self.max_reconstructions is None else slice(0, self.max_reconstructions)
         noisy = recovered.images[keep]
         noise_std = estimate_noise_std(noisy) if self.estimate_noise else recovered.noise_std[keep]
@@ -492,6 +558,12 @@ class DMAuditor:
         if self._closed:
             return
         self._closed = True
+        if not self.active:
+            for handle in self._handles:
+                handle.remove()
+            if self._capture is not None:
+                self._capture.detach()
+            return
         self._queue.put(None)
         self._worker.join()
         for handle in self._handles:

@@ -73,6 +73,21 @@ def chain_step_hook(optimizer, fn: Callable) -> StepHookHandle:
     return handle
 
 
+def _is_distributed(optimizer) -> bool:
+    from opacus.optimizers import DistributedDPOptimizer
+
+    return isinstance(optimizer, DistributedDPOptimizer) and torch.distributed.get_world_size() > 1
+
+
+def _clean_sum(p: torch.Tensor, factor: float) -> torch.Tensor:
+    """The clipped sum before noise. On the ranks that add no noise, Opacus's DistributedDPOptimizer sets
+    ``p.grad = p.summed_grad.view_as(p)`` and then divides ``p.grad`` in place, which divides ``summed_grad`` too:
+    there the noise-free ``p.grad`` times the factor is the clean sum."""
+    if p.grad.untyped_storage().data_ptr() == p.summed_grad.untyped_storage().data_ptr():
+        return p.grad.detach().mul(factor)
+    return p.summed_grad.detach().clone()
+
+
 def _unscale_factor(optimizer) -> float:
     if getattr(optimizer, "loss_reduction", "mean") == "mean":
         return float(optimizer.expected_batch_size * optimizer.accumulated_iterations)
@@ -144,11 +159,19 @@ class GradientCapture:
         factor = _unscale_factor(optimizer)
         weight, bias = self.layer.weight, self.layer.bias
         # Copies, so the optimizer's in-place update cannot change what the audit sees.
+        tensors = [weight.grad.detach().mul(factor), bias.grad.detach().mul(factor)]
+        if self.keep_clean:
+            tensors += [_clean_sum(p, factor) for p in (weight, bias)]
+        if _is_distributed(optimizer):
+            # Opacus calls this hook before its all-reduce; rank 0 alone added noise. Summing the ranks' (unscaled)
+            # gradients here gives exactly the released global gradient, and the global clean sum.
+            for tensor in tensors:
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         captured = CapturedGradients(
-            weight=weight.grad.detach().mul(factor),
-            bias=bias.grad.detach().mul(factor),
-            clean_weight=weight.summed_grad.detach().clone() if self.keep_clean else None,
-            clean_bias=bias.summed_grad.detach().clone() if self.keep_clean else None,
+            weight=tensors[0],
+            bias=tensors[1],
+            clean_weight=tensors[2] if self.keep_clean else None,
+            clean_bias=tensors[3] if self.keep_clean else None,
             coordinate_noise_std=float(optimizer.noise_multiplier * optimizer.max_grad_norm),
             step=self.steps,
         )

@@ -333,16 +333,6 @@ def adapt_to_prior(
         adapted = F.pad(adapted, padding, value=pad_value)
     elif spatial == "resize":
         adapted = _resize(adapted, resolution)
-    adaptation = Adaptation(
-        original_size=(height, width),
-        original_channels=images.shape[1],
-        prior_size=resolution,
-        prior_channels=channels,
-        spatial=spatial,
-        channel=channel,
-        padding=padding,
-        pad_value=pad_value,
-    )
     gain = 1.0
     if spatial == "resize" or channel == "rgb->gray":
         # Measure rather than derive: antialiased resampling and luma weights shrink white noise by amounts
@@ -352,7 +342,10 @@ def adapt_to_prior(
         if spatial == "resize":
             mapped = _resize(mapped, resolution)
         gain = float(mapped.std())
-    return adapted, Adaptation(**{**adaptation.__dict__, "noise_gain": gain})
+    adaptation = Adaptation(original_size=(height, width), original_channels=images.shape[1], prior_size=resolution,
+                            prior_channels=channels, spatial=spatial, channel=channel, padding=padding,
+                            pad_value=pad_value, noise_gain=gain)
+    return adapted, adaptation
 
 
 def restore_from_prior(images: torch.Tensor, adaptation: Adaptation) -> torch.Tensor:

@@ -103,7 +103,8 @@ class ImprintBlock(nn.Module):
         self.structure = structure
         self.gain = float(gain)
         size = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
-        self.imprint = nn.Linear(size, bins)
+        # skip_init: the parameters are set below, and drawing them would move the caller's global RNG.
+        self.imprint = nn.utils.skip_init(nn.Linear, size, bins)
         self.register_buffer("measurement", measurement_vector(measurement, image_shape=self.image_shape, seed=seed))
         # Until calibrated, bins split the range a unit-norm measurement of [0, 1] images can take.
         top = float(self.measurement.clamp(min=0).sum())
@@ -171,6 +172,13 @@ class ImprintBlock(nn.Module):
         # Zero in value, gain * d(level) in gradient: the model's inputs stay bit-identical.
         shift = self.gain * (level - level.detach())
         return x + shift.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+    def cpu_copy(self) -> "ImprintBlock":
+        """A separate block on the CPU with the same bins and parameters (hooks and wrappers are not copied)."""
+        copy = ImprintBlock(image_shape=self.image_shape, bins=self.bins, structure=self.structure,
+                            measurement=self.measurement.detach().cpu(), gain=self.gain)
+        copy.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        return copy
 
     def parameter_snapshot(self) -> dict[str, torch.Tensor]:
         """Copies of the imprint parameters, to restore the calibrated bins after a training step."""

@@ -161,6 +161,12 @@ class ImageMetrics:
         status = lpips_status()
         self.lpips_reason = status.reason if not self.lpips_random_backbone else "random backbone (not LPIPS)"
 
+    def prepare(self) -> "ImageMetrics":
+        """Build the LPIPS network now (it draws random initial weights) rather than lazily on another thread."""
+        if "lpips" in self.metrics and (self.lpips_random_backbone or lpips_status().available):
+            _lpips_model(random_backbone=self.lpips_random_backbone, device=torch.device(self.device or "cpu"))
+        return self
+
     def __call__(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Per-image values, ``{name: tensor of N or None}``; all images are clamped to ``[0, 1]`` first."""
         prediction = prediction.detach().float().cpu().clamp(0, 1)

@@ -187,9 +187,10 @@ class DiffusionPrior:
             )
         if local_files_only is None:
             local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        hub_unreachable = False
         if isinstance(source, str) and not local_files_only and not _hub_reachable():
             # Without this, huggingface_hub retries for about 20 s before failing; the cache still serves.
-            local_files_only = True
+            local_files_only = hub_unreachable = True
         kwargs = dict(use_safetensors=None if allow_pickle else True, local_files_only=local_files_only,
                       low_cpu_mem_usage=False, torch_dtype=torch.float32)
         try:
@@ -198,7 +199,8 @@ class DiffusionPrior:
                 scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler",
                                                           local_files_only=local_files_only)
         except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors depending on the cause
-            raise _explain_load_failure(text, source, exc, allow_pickle=allow_pickle) from None
+            raise _explain_load_failure(text, source, exc, allow_pickle=allow_pickle,
+                                        offline=hub_unreachable or local_files_only) from None
         return cls(
             unet,
             alphas_cumprod=scheduler.alphas_cumprod,
@@ -468,7 +470,7 @@ def _progress_bar(total: int, progress: bool | Callable[[int], None]) -> Callabl
     return lambda n: bar.close() if n is None else bar.update(n)
 
 
-def _explain_load_failure(text: str, source, exc: Exception, *, allow_pickle: bool) -> PriorLoadError:
+def _explain_load_failure(text: str, source, exc: Exception, *, allow_pickle: bool, offline: bool) -> PriorLoadError:
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(source, Path):
         if not allow_pickle and any(source.glob("unet/*.bin")) and not any(source.glob("unet/*.safetensors")):
@@ -479,8 +481,9 @@ def _explain_load_failure(text: str, source, exc: Exception, *, allow_pickle: bo
         return PriorLoadError(f"cannot load the prior in {source}: {message}")
     from huggingface_hub import constants
 
+    cause = "offline and not in the cache" if offline else f"the hub answered: {message}"
     return PriorLoadError(
-        f"cannot load hub prior {text!r} ({message}). It is neither reachable nor in the cache at "
-        f"{constants.HF_HUB_CACHE}; download it where there is network (or copy the cache there), keep "
-        f"HF_HUB_OFFLINE=1 to stop network attempts, or use the {_OFFLINE_OPTIONS}"
+        f"cannot load hub prior {text!r}: {cause}. The cache is {constants.HF_HUB_CACHE}: download the prior "
+        f"once where there is network (or copy that cache here); HF_HUB_OFFLINE=1 skips network attempts. "
+        f"Or use the {_OFFLINE_OPTIONS}"
     )

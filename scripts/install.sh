@@ -12,7 +12,14 @@ fi
 if ! $PYTHON -c "import torch, torchvision" 2>/dev/null; then
   $PYTHON -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-if ! $PYTHON -c "import opacus_dmaudit, opacus, diffusers, lpips, skimage, pywt, tensorboard, pytest" 2>/dev/null; then
+# Reinstall when a dependency is missing or `opacus_dmaudit` resolves to another checkout (CI clones elsewhere).
+if ! $PYTHON - <<'PY' 2>/dev/null
+import pathlib, sys
+import opacus, diffusers, lpips, skimage, pywt, tensorboard, pytest  # noqa: F401
+import opacus_dmaudit
+sys.exit(0 if pathlib.Path(opacus_dmaudit.__file__).resolve().parents[1] == pathlib.Path.cwd().resolve() else 1)
+PY
+then
   $PYTHON -m pip install -q -e ".[test]"
 fi
 $PYTHON -c "import opacus_dmaudit, torch; print('opacus_dmaudit ready: torch', torch.__version__)"

@@ -1,0 +1,114 @@
+"""Auditor overhead per DP-SGD training step: no auditor vs shadow vs inline, measured in one run.
+
+Prints, per variant: mean training-loop time per step, its ratio to the run without an auditor, the time the
+training thread spent inside the auditor's hooks per audited step (the copy of the batch, the capture), and how long
+the audits themselves took on the worker. The inline capture cost is the gradient copy inside the step hook.
+
+    python benchmarks/auditor_overhead.py --steps 40 --every 10 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from datetime import datetime, timezone
+
+import torch
+import torch.nn as nn
+from opacus import PrivacyEngine
+
+from opacus_dmaudit import DMAuditor, load_images
+
+warnings.filterwarnings("ignore")
+
+
+def cnn(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(2 * width * 7 * 7, 10),
+    )
+
+
+def run(mode: str | None, *, images, labels, args, device) -> dict:
+    torch.manual_seed(0)
+    model = cnn(args.width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=args.batch)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = None
+    if mode is not None:
+        auditor = DMAuditor(engine, prior=args.prior, log_dir=f"{args.log_root}/{mode}", every=args.every,
+                            mode=mode, steps=args.sampler_steps, max_reconstructions=args.max_reconstructions,
+                            queue_size=args.steps // args.every + 1, device=device)
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=1.0, max_grad_norm=1.0,
+                                                   poisson_sampling=False)
+    step_times, step = [], 0
+    while step < args.steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            started = time.perf_counter()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - started)
+            step += 1
+            if step >= args.steps:
+                break
+    result = {"variant": mode or "no auditor", "ms_per_step": 1e3 * statistics.mean(step_times[2:]),
+              "ms_per_step_median": 1e3 * statistics.median(step_times[2:])}
+    if auditor is not None:
+        waited = time.perf_counter()
+        auditor.close()
+        audits = max(1, len(auditor.records) + auditor.dropped + auditor.errors)
+        result.update(blocking_ms_per_audit=1e3 * auditor.blocking_seconds / audits,
+                      audits=len(auditor.records), dropped=auditor.dropped, errors=auditor.errors,
+                      audit_seconds_mean=statistics.mean(r.seconds for r in auditor.records) if auditor.records else None,
+                      drain_seconds_after_training=time.perf_counter() - waited)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--prior", default="fashion-mnist")
+    parser.add_argument("--sampler-steps", type=int, default=10)
+    parser.add_argument("--max-reconstructions", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--log-root", default="/tmp/opacus-dmaudit-bench")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    images = load_images("fashion-mnist:train", limit=args.batch * 8)
+    labels = torch.randint(0, 10, (images.shape[0],))
+    rows = [run(mode, images=images, labels=labels, args=args, device=device) for mode in (None, "shadow", "inline")]
+    base = rows[0]["ms_per_step"]
+    for row in rows:
+        row["step_time_ratio"] = row["ms_per_step"] / base
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+    print(f"auditor overhead: {name}, CNN width {args.width}, batch {args.batch}, {args.steps} steps, audit every "
+          f"{args.every} ({args.sampler_steps} DDIM steps, <= {args.max_reconstructions} images)")
+    for row in rows:
+        extra = ""
+        if "blocking_ms_per_audit" in row:
+            extra = (f" | training thread blocked {row['blocking_ms_per_audit']:.2f} ms/audit | audits "
+                     f"{row['audits']} ({row['dropped']} dropped), {row['audit_seconds_mean'] or 0:.2f} s each")
+        print(f"  {row['variant']:<11} {row['ms_per_step']:8.2f} ms/step  x{row['step_time_ratio']:.3f}{extra}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"benchmark": "auditor_overhead", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                       "device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""DMAuditor on real Opacus training: a tiny CNN, 256 Fashion-MNIST images, 20 DP-SGD steps, an audit every 5."""
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from opacus_dmaudit.auditor import DMAuditor
+from opacus_dmaudit.capture import PerLayerClippingError
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def tiny_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+
+
+def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson=False, physical=None,
+          clipping="flat", seed=0):
+    """A plain Opacus training loop; returns the engine, the auditor (or None) and the trained weights."""
+    torch.manual_seed(seed)
+    labels = torch.randint(0, 10, (images.shape[0],))
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **auditor_kwargs) if auditor_kwargs is not None else None
+    max_grad_norm = 1.0 if clipping == "flat" else [1.0] * 4
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                                                   poisson_sampling=poisson, clipping=clipping)
+    done = 0
+    while done < steps:
+        batches = loader
+        manager = None
+        if physical:
+            manager = BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer)
+            batches = manager.__enter__()
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if not optimizer._is_last_step_skipped:
+                done += 1
+            if done >= steps:
+                break
+        if manager is not None:
+            manager.__exit__(None, None, None)
+    if auditor is not None:
+        auditor.close()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return engine, auditor, weights
+
+
+def audit_kwargs(tmp_path, prior, **extra):
+    return {**dict(prior=prior, log_dir=tmp_path / "audit", every=5, steps=3, queue_size=10), **extra}
+
+
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_event_files_hold_grids_scalars_and_the_accountants_epsilon(tmp_path, fashion_images, tiny_prior_dir, mode):
+    engine, auditor, _ = train(fashion_images, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode))
+    assert [r.step for r in auditor.records] == [5, 10, 15, 20] and auditor.errors == 0 and auditor.dropped == 0
+    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("audit/original_noisy_reconstructed")] == [5, 10, 15, 20]
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("noisy/psnr", "noisy/ssim", "noisy/mse", "reconstructed/psnr", "reconstructed/ssim",
+                "reconstructed/mse", "success_rate/ssim@0.5", "audit/noise_std_median", "audit/t_start_median",
+                "privacy/epsilon", "privacy/mu_step"):
+        assert tag in scalars, tag
+    epsilon = events.Scalars("privacy/epsilon")
+    assert epsilon[-1].step == 20
+    assert epsilon[-1].value == pytest.approx(engine.get_epsilon(1e-5), rel=1e-6)
+    assert auditor.records[-1].epsilon == engine.get_epsilon(1e-5)
+    lines = (tmp_path / "audit" / "audits.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 10, 15, 20]
+    assert auditor.records[0].recovered > 10 and auditor.records[0].mu_step == pytest.approx(2.0)
+    # Audit logs hold training images: owner-only folder and files.
+    assert (tmp_path / "audit").stat().st_mode & 0o077 == 0
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "audit").rglob("*"))
+
+
+def test_shadow_mode_leaves_training_bit_identical(tmp_path, fashion_images, tiny_prior_dir):
+    _, _, plain = train(fashion_images)
+    _, auditor, audited = train(fashion_images, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
+    assert len(auditor.records) == 4
+    assert plain.keys() == audited.keys()
+    assert all(torch.equal(plain[k], audited[k]) for k in plain)
+
+
+def test_inline_mode_without_noise_recovers_exactly_before_the_prior(tmp_path, fashion_images, tiny_prior_dir):
+    _, auditor, _ = train(fashion_images, sigma=0.0,
+                          auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode="inline"))
+    for record in auditor.records:
+        assert record.recovered > 10
+        assert record.noisy["mse"] < 1e-10 and record.noise_std_median == 0.0
+        assert record.epsilon is None or record.epsilon == float("inf")
+
+
+def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_dir):
+    _, auditor, _ = train(fashion_images, sigma=0.5, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
+    floor = 0.5 * float((fashion_images.flatten(1).norm(dim=1) ** 2 + 1).sqrt().median())
+    assert auditor.records[-1].noise_std_median == pytest.approx(floor, rel=0.25)
+
+
+def test_empty_poisson_batches_and_batch_memory_manager(tmp_path, fashion_images, tiny_prior_dir):
+    _, auditor, _ = train(fashion_images[:64], batch=2, poisson=True, steps=20,
+                          auditor_kwargs=audit_kwargs(tmp_path / "p", tiny_prior_dir))
+    assert auditor.errors == 0 and len(auditor.records) == 4
+    _, auditor, _ = train(fashion_images, batch=64, physical=16, steps=10,
+                          auditor_kwargs=audit_kwargs(tmp_path / "b", tiny_prior_dir, mode="inline"))
+    assert auditor.errors == 0 and [r.step for r in auditor.records] == [5, 10]
+    assert all(r.batch_size == 64 for r in auditor.records)  # the logical batch, from 4 physical ones
+
+
+def test_inline_refuses_per_layer_clipping(tmp_path, fashion_images, tiny_prior_dir):
+    with pytest.raises(PerLayerClippingError, match="flat clipping"):
+        train(fashion_images, clipping="per_layer", auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir,
+                                                                                  mode="inline"))
+
+
+def test_audit_errors_never_reach_training(tmp_path, fashion_images, tiny_prior_dir, caplog):
+    # Two normalisation stds for one channel: every audit fails inside the worker, training must not notice.
+    kwargs = audit_kwargs(tmp_path, tiny_prior_dir, input_mean=0.5, input_std=[0.5, 0.5])
+    with caplog.at_level(logging.ERROR, logger="opacus_dmaudit"):
+        _, auditor, weights = train(fashion_images, auditor_kwargs=kwargs)
+    assert auditor.errors == 4 and not auditor.records and "audit failed" in caplog.text
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_prior_dir):
+    _, auditor, _ = train(fashion_images, steps=5,
+                          auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, log_originals=False))
+    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["audit/noisy_reconstructed"]
+    with pytest.raises(ValueError, match="mode"):
+        DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", mode="offline")
+    with pytest.raises(ValueError, match="every"):
+        DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", every=0)
+
+
+def test_make_private_with_epsilon_and_attach(tmp_path, fashion_images, tiny_prior_dir):
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(fashion_images, torch.zeros(256, dtype=torch.long)), batch_size=64)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, every=2))
+    model = tiny_cnn()
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        target_epsilon=5.0, target_delta=1e-5, epochs=1, max_grad_norm=1.0)
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    auditor.close()
+    assert auditor.records and auditor.records[0].noise_multiplier == optimizer.noise_multiplier
+    with pytest.raises(RuntimeError, match="already attached"):
+        auditor.attach(model, optimizer)
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["functorch", "ew", "ghost"])
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_grad_sample_modes(tmp_path, fashion_images, tiny_prior_dir, grad_sample_mode, mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(fashion_images[:128], torch.randint(0, 10, (128,))), batch_size=32)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=2))
+    criterion = nn.CrossEntropyLoss()
+    out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+                              max_grad_norm=1.0, grad_sample_mode=grad_sample_mode, criterion=criterion,
+                              poisson_sampling=False)
+    model, optimizer, loader = (out[0], out[1], out[3]) if len(out) == 4 else out
+    criterion = out[2] if len(out) == 4 else criterion
+    for x, y in loader:
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+    auditor.close()
+    assert auditor.errors == 0 and len(auditor.records) == 2
+    assert all(r.recovered > 0 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+
+
+def test_normalised_inputs_are_audited_in_pixel_space(tmp_path, fashion_images, tiny_prior_dir):
+    mean, std = 0.2860, 0.3530  # Fashion-MNIST's statistics, as a user's transforms.Normalize would use
+    normalised = (fashion_images - mean) / std
+    _, auditor, _ = train(normalised, sigma=0.0, steps=5, auditor_kwargs=audit_kwargs(
+        tmp_path, tiny_prior_dir, mode="inline", input_mean=mean, input_std=std))
+    record = auditor.records[0]
+    assert record.recovered > 10 and record.noisy["mse"] < 1e-10  # compared with the pixel-space originals
