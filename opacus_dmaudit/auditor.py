@@ -21,7 +21,6 @@ logged and never reaches the training loop.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -35,10 +34,11 @@ import torch.nn as nn
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
 from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
-from opacus_dmaudit.metrics import LOWER_IS_BETTER, METRICS, ImageMetrics, success_rate, summarize
+from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rate, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import SCALES, recover_images
+from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
 from opacus_dmaudit.report import AuditLogWriter
 
 __all__ = ["DMAuditor", "AuditRecord", "SUCCESS_THRESHOLDS"]
@@ -51,7 +51,6 @@ SUCCESS_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "ssim": (0.3, 0.5),
     "lpips": (0.2, 0.4),
 }
-SHADOW_GAIN = 1e6  # large enough that the imprint rows take (almost) all of each sample's clipping budget
 INLINE_GAIN = 1e3
 
 
@@ -206,6 +205,7 @@ class DMAuditor:
         self.errors = 0
         self.blocking_seconds = 0.0  # time the training thread spent in the auditor's hooks
         self.block: ImprintBlock | None = None
+        self._block_copy: ImprintBlock | None = None
         self._engine = privacy_engine
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
@@ -219,7 +219,7 @@ class DMAuditor:
         # Inline under torch.distributed: every rank joins the capture's collectives; rank 0 audits.
         self._distributed_inline = mode == "inline" and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        self._shadow: tuple[nn.Module, Any, GradientCapture, dict] | None = None
+        self._shadow: ShadowImprint | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=int(queue_size))
         self._stream = None
         self._worker: threading.Thread | None = None
@@ -323,6 +323,9 @@ class DMAuditor:
                 raise ValueError("mode='inline' needs an ImprintBlock in the model: create the auditor before "
                                  "make_private, or wrap your model in ImprintedModel yourself")
             snapshot = self.block.parameter_snapshot()
+            # The worker reads this copy, never the live block: Opacus may swap the live parameters (ExpandedWeights
+            # in grad_sample_mode="ew") while the training thread runs. Restored each step, the copy stays valid.
+            self._block_copy = self.block.cpu_copy()
             self._capture = GradientCapture(optimizer, self.block.imprint, should_capture=self._is_audited,
                                             on_capture=self._store_capture, after_step=self._after_step)
             restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
@@ -417,34 +420,18 @@ class DMAuditor:
 
     def _shadow_step(self, job: _Job) -> tuple[CapturedGradients, ImprintBlock]:
         """One DP-SGD step of the auditor's own imprint model on the batch, through Opacus."""
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-
-        batch = job.batch.float()
         if self._shadow is None:
-            sample = self.calibration_images if self.calibration_images is not None else batch
-            block = self._new_block(sample.detach().float().cpu())
-            readout = nn.utils.skip_init(nn.Linear, math.prod(block.image_shape), 1, bias=False)
-            nn.init.ones_(readout.weight)
-            readout.requires_grad_(False)  # only the imprint rows are released: the worst case for this sigma
-            model = GradSampleModule(nn.Sequential(block, nn.Flatten(), readout), loss_reduction=job.loss_reduction)
-            generator = torch.Generator().manual_seed(self.seed)
-            optimizer = DPOptimizer(torch.optim.SGD(block.parameters(), lr=0.0), noise_multiplier=job.noise_multiplier,
-                                    max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size,
-                                    loss_reduction=job.loss_reduction, generator=generator)
-            capture = GradientCapture(optimizer, block.imprint)
-            self._shadow = (model, optimizer, capture, block.parameter_snapshot())
-            self.block = block
-        model, optimizer, capture, snapshot = self._shadow
+            sample = self.calibration_images if self.calibration_images is not None else job.batch
+            self._shadow = ShadowImprint(calibration=sample, bins=self.bins, structure=self.structure,
+                                         measurement=self.measurement, gain=self.gain,
+                                         noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
+                                         expected_batch_size=job.expected_batch_size,
+                                         loss_reduction=job.loss_reduction, seed=self.seed)
+            self.block = self._shadow.block
         # The user's run may change these (e.g. a noise schedule); follow it.
-        optimizer.noise_multiplier, optimizer.max_grad_norm = job.noise_multiplier, job.max_grad_norm
-        optimizer.expected_batch_size = job.expected_batch_size
-        optimizer.zero_grad(set_to_none=True)
-        out = model(batch)
-        (out.mean() if job.loss_reduction == "mean" else out.sum()).backward()
-        optimizer.step()
-        self.block.restore(snapshot)
-        return capture.latest, self.block
+        captured = self._shadow.step(job.batch, noise_multiplier=job.noise_multiplier,
+                                     max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size)
+        return captured, self._shadow.block
 
     def _audit(self, job: _Job) -> AuditRecord:
         started = time.perf_counter()
@@ -466,12 +453,11 @@ class DMAuditor:
         if self.mode == "shadow":
             captured, block = self._shadow_step(job)
         else:
-            captured, block = job.captured, self.block
+            captured, block = job.captured, self._block_copy
             if captured is None:
                 raise RuntimeError(f"no gradients were captured at step {job.step}")
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
-        block = block.cpu_copy()  # never move the live block: inline, it is part of the user's model
         recovered = recover_images(captured, block, scale=self.scale, originals=job.batch,
                                    input_mean=self.input_mean, input_std=self.input_std)
         base["collisions"] = int(len(recovered.collisions))

@@ -329,7 +329,7 @@ def _write_model_card(out: Path, result: PriorTrainingOutput, config: PriorTrain
     save_image_grid(list(samples.split(side)), out / "samples.png", private=False)
     size_mb = sum(f.stat().st_size for f in (out / "unet").glob("*.safetensors")) / 1e6
     lines = [
-        f"# Diffusion prior trained with opacus-dmaudit train-prior",
+        "# Diffusion prior trained with opacus-dmaudit train-prior",
         "",
         f"- data: {source} ({count} images; adaptation: {adaptation})",
         f"- model: diffusers UNet2DModel, size '{config.model_size}', {result.parameters:,} parameters, "
