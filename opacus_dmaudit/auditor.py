@@ -34,23 +34,17 @@ import torch.nn as nn
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
 from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
-from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rate, summarize
+from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import SCALES, recover_images
 from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
 from opacus_dmaudit.report import AuditLogWriter
 
-__all__ = ["DMAuditor", "AuditRecord", "SUCCESS_THRESHOLDS"]
+__all__ = ["DMAuditor", "AuditRecord"]
 
 logger = logging.getLogger("opacus_dmaudit")
 
-SUCCESS_THRESHOLDS: dict[str, tuple[float, ...]] = {
-    # A reconstruction "succeeds" when its error is within eta: MSE <= eta, 1 - SSIM <= eta, LPIPS <= eta.
-    "mse": (0.01, 0.03),
-    "ssim": (0.3, 0.5),
-    "lpips": (0.2, 0.4),
-}
 INLINE_GAIN = 1e3
 
 
@@ -476,14 +470,7 @@ class DMAuditor:
         notes += output.notes
         noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)
         recon_values = self.image_metrics(output.images, originals)
-        success = {}
-        for name, thresholds in SUCCESS_THRESHOLDS.items():
-            values = recon_values.get(name)
-            if values is None:
-                continue
-            errors = 1.0 - values if name == "ssim" else values
-            for eta in thresholds:
-                success[f"{name}@{eta:g}"] = success_rate(errors, eta, lower_is_better=True)
+        success = success_rates(recon_values)
         record = AuditRecord(
             recovered=len(noisy), noise_std_median=float(noise_std.median()),
             t_start_median=float(output.t_start.double().median()), from_prior=int(output.from_prior.sum()),

@@ -66,14 +66,22 @@ def rero_bound_dpsgd(
 ) -> float:
     """ReRo bound of DP-SGD (Poisson-subsampled Gaussian, ``steps`` compositions) at baseline ``kappa``.
 
+    When Opacus's PRV grid cannot be built (very small noise multipliers over many steps), the looser but still
+    valid ``min_delta (e^eps(delta) kappa + delta)`` from the RDP accountant is returned instead.
+
     Raises:
         ValueError: for invalid arguments.
-        RuntimeError: when Opacus's PRV discretisation fails (very small noise multipliers).
     """
     _check(kappa, noise_multiplier, steps, sample_rate)
     if kappa in (0.0, 1.0):
         return kappa
-    dprv = _composed_prv(noise_multiplier, sample_rate, steps, eps_error, delta_error)
+    try:
+        dprv = _composed_prv(noise_multiplier, sample_rate, steps, eps_error, delta_error)
+    except (MemoryError, ValueError, RuntimeError, OverflowError):
+        # Tiny noise multipliers over many steps need an unmanageable PRV grid (hundreds of GiB). Any (eps, delta)
+        # guarantee still bounds success by e^eps kappa + delta (Hayes et al. 2023): take RDP's best over delta.
+        return _rero_bound_from_rdp(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                                    kappa=kappa)
     upper = float(dprv.domain.ts.max())
 
     def delta(eps: float) -> float:
@@ -96,6 +104,19 @@ def rero_bound_dpsgd(
         result = minimize_scalar(term, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
         best = min(best, float(result.fun), min(values))
     return float(min(1.0, max(kappa, best)))
+
+
+def _rero_bound_from_rdp(*, noise_multiplier: float, sample_rate: float, steps: int, kappa: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    best = 1.0
+    for delta in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2, 0.1, 0.2):
+        eps = float(accountant.get_epsilon(delta))
+        if eps < 700:  # e^eps overflows beyond; the bound is 1 there anyway
+            best = min(best, math.exp(eps) * kappa + delta)
+    return float(max(kappa, best))
 
 
 def schedule_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> dict[str, float | None]:

@@ -1,4 +1,4 @@
-"""Command line: ``opacus-dmaudit reconstruct | train-prior``.
+"""Command line: ``opacus-dmaudit reconstruct | train-prior | sweep``.
 
 Every expected failure (missing file, bad prior, bad number) ends with one line ``opacus-dmaudit: error: ...``
 and exit status 2; ``--debug`` shows the traceback instead.
@@ -96,6 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true")
     train.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     train.add_argument("--no-progress", action="store_true")
+    sweep = commands.add_parser("sweep", help="which noise multiplier? attack, reconstruct and bound per sigma")
+    sweep.add_argument("--images", required=True, help="images to attack (e.g. fashion-mnist for the test split)")
+    sweep.add_argument("--prior", required=True)
+    sigmas = sweep.add_mutually_exclusive_group()
+    sigmas.add_argument("--noise-multipliers", type=_positive_float, nargs="+", default=None)
+    sigmas.add_argument("--target-epsilons", type=_positive_float, nargs="+", default=None)
+    sweep.add_argument("--sample-rate", type=_positive_float, default=64 / 60000,
+                       help="your training's sampling rate q (default 64/60000)")
+    sweep.add_argument("--epochs", type=_positive_float, default=10.0, help="your training's epochs (default 10)")
+    sweep.add_argument("--delta", type=_positive_float, default=1e-5)
+    sweep.add_argument("--max-grad-norm", type=_positive_float, default=1.0)
+    sweep.add_argument("--batch-size", type=_positive_int, default=64)
+    sweep.add_argument("--bins", type=_positive_int, default=128)
+    sweep.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sweep.add_argument("--steps", type=_positive_int, default=50)
+    sweep.add_argument("--limit", type=_positive_int, default=256, help="attack the first N images (default 256)")
+    sweep.add_argument("--links", type=_positive_int, default=1, help="average a sample over this many steps")
+    sweep.add_argument("--kappa-samples", type=_positive_int, default=64, help="prior draws for the baseline kappa")
+    sweep.add_argument("--success-metric", choices=("mse", "ssim", "lpips"), default="ssim")
+    sweep.add_argument("--success-eta", type=_positive_float, default=0.5,
+                       help="error threshold of a success (1 - SSIM for ssim; default 0.5)")
+    sweep.add_argument("--target-success", type=_non_negative_float, default=0.05,
+                       help="highest acceptable success rate for the recommendation (default 0.05)")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--device", default=None)
+    sweep.add_argument("--out", required=True, type=Path)
+    sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     return parser
 
 
@@ -174,10 +201,61 @@ def _train_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from opacus_dmaudit.data import load_images
+    from opacus_dmaudit.prior import DiffusionPrior
+    from opacus_dmaudit.sweep import SweepConfig, run_sweep
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        # Launched by torchrun: each rank takes a share of the noise multipliers.
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0 and args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise CliError(f"{args.out} is not empty; pass --overwrite to write into it or choose another folder")
+    config = SweepConfig(
+        noise_multipliers=args.noise_multipliers or (0.3, 1.0, 3.0), target_epsilons=args.target_epsilons,
+        sample_rate=args.sample_rate, epochs=args.epochs, delta=args.delta, max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size, bins=args.bins, sampler=args.sampler, steps=args.steps, links=args.links,
+        kappa_samples=args.kappa_samples, success_metric=args.success_metric, success_eta=args.success_eta,
+        target_success=args.target_success, seed=args.seed,
+    )
+    if config.sample_rate > 1:
+        raise CliError(f"--sample-rate must be at most 1, got {config.sample_rate}")
+    images = load_images(args.images, limit=args.limit)
+    prior = DiffusionPrior.from_pretrained(args.prior, device=args.device)
+    result = run_sweep(images, prior, config=config, out_dir=args.out, progress=rank == 0)
+    if rank == 0:
+        key = f"{config.success_metric}@{config.success_eta:g}"
+        header = (f"{'sigma':>7} {'epsilon':>9} {'images':>6} {'noise std':>9} | {'noisy PSNR':>10} {'recon PSNR':>10} "
+                  f"{'recon SSIM':>10} | {'success ' + key:>16} {'kappa':>7} {'ReRo bound':>10}")
+        print(f"schedule: q = {config.sample_rate:g}, {config.epochs:g} epochs ({config.training_steps} steps), "
+              f"delta = {config.delta:g}; attack: batch {config.batch_size}, {config.bins} bins, links "
+              f"{config.links}; prior {result.prior}")
+        print(header)
+        print("-" * len(header))
+        for e in result.entries:
+            eps = "n/a" if e.epsilon is None else f"{e.epsilon:.3g}"
+            bound = e.rero_bound.get(key)
+            print(f"{e.noise_multiplier:>7.3g} {eps:>9} {e.n_images:>6d} {e.noise_std['median']:>9.3g} | "
+                  f"{e.noisy['psnr']:>10.2f} {e.reconstructed['psnr']:>10.2f} {e.reconstructed['ssim']:>10.3f} | "
+                  f"{e.success.get(key, float('nan')):>16.3f} {e.kappa.get(key, float('nan')):>7.4f} "
+                  f"{'n/a' if bound is None else format(bound, '.3f'):>10}")
+        print(f"recommendation: {result.recommendation['message']}")
+        print(f"wrote {args.out}/sweep.json, sweep.csv, sweep_vs_sigma.png, sweep_vs_epsilon.png, grids, "
+              f"tensorboard/ (private: the grids show the images)")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"reconstruct": _reconstruct, "train-prior": _train_prior}
+    handlers = {"reconstruct": _reconstruct, "train-prior": _train_prior, "sweep": _sweep}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -27,6 +27,10 @@ __all__ = [
     "lpips_status",
     "LpipsStatus",
     "ImageMetrics",
+    "SUCCESS_THRESHOLDS",
+    "reconstruction_errors",
+    "success_rate",
+    "success_rates",
     "summarize",
 ]
 
@@ -196,6 +200,32 @@ def summarize(values: dict[str, torch.Tensor | None]) -> dict[str, float | None]
         finite = tensor[torch.isfinite(tensor)]
         summary[name] = float(finite.mean()) if finite.numel() else (math.inf if tensor.numel() else math.nan)
     return summary
+
+
+SUCCESS_THRESHOLDS: dict[str, tuple[float, ...]] = {
+    # A reconstruction "succeeds" when its error is within eta: MSE <= eta, 1 - SSIM <= eta, LPIPS <= eta.
+    "mse": (0.01, 0.03),
+    "ssim": (0.3, 0.5),
+    "lpips": (0.2, 0.4),
+}
+
+
+def reconstruction_errors(name: str, values: torch.Tensor) -> torch.Tensor:
+    """Per-image errors for success thresholds: the metric itself, or ``1 - SSIM`` (PSNR has no threshold)."""
+    return 1.0 - values if name == "ssim" else values
+
+
+def success_rates(values: dict[str, torch.Tensor | None],
+                  thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, float]:
+    """``{"<metric>@<eta>": fraction of images with error <= eta}`` for every available metric and threshold."""
+    rates = {}
+    for name, etas in thresholds.items():
+        if values.get(name) is None:
+            continue
+        errors = reconstruction_errors(name, values[name])
+        for eta in etas:
+            rates[f"{name}@{eta:g}"] = success_rate(errors, eta)
+    return rates
 
 
 def success_rate(values: torch.Tensor, threshold: float, *, lower_is_better: bool = True) -> float:

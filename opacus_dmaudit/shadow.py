@@ -9,6 +9,7 @@ row: the recovered noise sits at the floor DP allows, ``sigma * sqrt(||x||^2 + 1
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,9 @@ from opacus_dmaudit.capture import CapturedGradients, GradientCapture
 from opacus_dmaudit.imprint import ImprintBlock
 
 __all__ = ["ShadowImprint", "SHADOW_GAIN"]
+
+# The frozen read-out makes torch note that no input requires gradients; expected here, and harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 SHADOW_GAIN = 1e6  # large enough that the imprint rows take (almost) all of each sample's clipping budget
 

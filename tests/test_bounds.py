@@ -42,3 +42,9 @@ def test_schedule_bound_reports_both_accountants():
     figures = ScheduleBound.compute(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5, kappa=0.05)
     assert figures.epsilon_rdp == pytest.approx(2.10, abs=0.01) and figures.epsilon_prv < figures.epsilon_rdp
     assert figures.mu_step == 1.0 and figures.kappa <= figures.rero_bound <= 1.0
+
+
+def test_tiny_noise_falls_back_to_a_valid_rdp_bound():
+    # sigma 0.05 over 9375 steps: Opacus's PRV grid would need hundreds of GiB; the bound must still come back.
+    bound = rero_bound_dpsgd(noise_multiplier=0.05, sample_rate=64 / 60000, steps=9375, kappa=0.01)
+    assert 0.01 <= bound <= 1.0

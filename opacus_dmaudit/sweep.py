@@ -1,0 +1,350 @@
+"""Choosing a noise multiplier: a sweep of the imprint attack through real Opacus DP-SGD steps, per sigma.
+
+For each noise multiplier: the images go, batch by batch, through real DP-SGD steps of the shadow imprint model
+(:mod:`opacus_dmaudit.shadow`: Opacus ``GradSampleModule`` + ``DPOptimizer`` with sigma, C and the batch size);
+one noisy image per singly-occupied bin is recovered, optionally averaged over ``links`` steps (an attacker who links
+a sample across steps), reconstructed with the prior, and scored. Next to it: the empirical success rate per metric
+and threshold eta, the prior's baseline kappa (how often a draw from the prior alone is within eta of a target), the
+ReRo bound at that kappa for the user's training schedule, and the schedule's epsilon (RDP and PRV).
+
+Under ``torchrun`` each rank takes a share of the noise multipliers; rank 0 gathers and writes. Every figure of a
+noise multiplier is seeded by its index alone, so one process and several give the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from opacus_dmaudit.bounds import rero_bound_dpsgd, schedule_epsilon
+from opacus_dmaudit.data import adapt_to_prior, restore_from_prior
+from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, reconstruction_errors, success_rates, summarize
+from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.recovery import recover_images
+from opacus_dmaudit.report import image_grid, make_private_dir, save_image_grid, write_json, write_private_bytes
+from opacus_dmaudit.shadow import ShadowImprint
+
+__all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_kappa"]
+
+
+@dataclass
+class SweepConfig:
+    """The sweep's settings. ``sample_rate``, ``epochs`` and ``delta`` describe the user's training schedule (for
+    epsilon and the bounds); ``batch_size``, ``max_grad_norm`` and ``bins`` the attacked DP-SGD steps.
+
+    Attributes:
+        noise_multipliers: the sigmas to sweep (or give ``target_epsilons``).
+        target_epsilons: epsilons for the schedule; each becomes the sigma Opacus's PRV accountant picks.
+        success_metric / success_eta / target_success: the recommendation is the smallest sigma whose success rate
+            (error within eta) stays at or below ``target_success``.
+    """
+
+    noise_multipliers: Sequence[float] = (0.3, 1.0, 3.0)
+    target_epsilons: Sequence[float] | None = None
+    sample_rate: float = 64 / 60000
+    epochs: float = 10.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    batch_size: int = 64
+    bins: int = 128
+    sampler: str = "ddim"
+    steps: int = 50
+    links: int = 1
+    scale: str = "oracle"
+    kappa_samples: int = 64
+    success_metric: str = "ssim"
+    success_eta: float = 0.5
+    target_success: float = 0.05
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if not self.epochs > 0 or not 0 < self.delta < 1 or not self.max_grad_norm > 0:
+            raise ValueError("epochs and max_grad_norm must be positive and delta in (0, 1)")
+        if self.batch_size < 1 or self.bins < 1 or self.links < 1 or self.steps < 1:
+            raise ValueError("batch_size, bins, links and steps must be positive whole numbers")
+        if self.target_epsilons is None and any(not s > 0 for s in self.noise_multipliers):
+            raise ValueError(f"noise multipliers must be positive, got {list(self.noise_multipliers)}")
+        if self.target_epsilons is not None and any(not e > 0 for e in self.target_epsilons):
+            raise ValueError(f"target epsilons must be positive, got {list(self.target_epsilons)}")
+        if self.success_metric not in SUCCESS_THRESHOLDS:
+            raise ValueError(f"success_metric must be one of {', '.join(SUCCESS_THRESHOLDS)}")
+
+    @property
+    def training_steps(self) -> int:
+        return max(1, round(self.epochs / self.sample_rate))
+
+
+@dataclass
+class SweepEntry:
+    """One noise multiplier's figures (one element of ``sweep.json``)."""
+
+    noise_multiplier: float
+    epsilon: float | None
+    epsilon_rdp: float | None
+    epsilon_prv: float | None
+    delta: float
+    mu: float
+    links: int
+    n_images: int
+    noise_std: dict[str, float]
+    t_start_median: float
+    noisy: dict[str, float | None]
+    reconstructed: dict[str, float | None]
+    success: dict[str, float]
+    kappa: dict[str, float]
+    rero_bound: dict[str, float | None]
+    seconds: float
+
+
+@dataclass
+class SweepResult:
+    """All entries, the recommendation, and the settings."""
+
+    entries: list[SweepEntry]
+    recommendation: dict
+    config: dict
+    prior: str
+    grids: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(entry) for entry in self.entries]
+
+
+def estimate_kappa(prior: DiffusionPrior, targets: torch.Tensor, *, metrics: ImageMetrics, samples: int,
+                   sampler: str, steps: int, seed: int) -> dict[str, float]:
+    """Baseline success rates: how often a draw from the prior alone is within eta of a target, per metric@eta."""
+    draws = prior.sample(samples, sampler=sampler, steps=steps, seed=seed)
+    _, adaptation = adapt_to_prior(targets[:1], resolution=prior.resolution, channels=prior.channels)
+    draws = restore_from_prior(draws, adaptation)
+    errors: dict[str, list[torch.Tensor]] = {}
+    for draw in draws:
+        values = metrics(draw.expand_as(targets), targets)
+        for name, tensor in values.items():
+            if tensor is not None and name in SUCCESS_THRESHOLDS:
+                errors.setdefault(name, []).append(reconstruction_errors(name, tensor))
+    kappa = {}
+    for name, chunks in errors.items():
+        stacked = torch.stack(chunks)
+        for eta in SUCCESS_THRESHOLDS[name]:
+            # Never exactly 0: the bound needs kappa in (0, 1); half a hit is the usual continuity correction.
+            kappa[f"{name}@{eta:g}"] = max(float((stacked <= eta).double().mean()), 0.5 / stacked.numel())
+    return kappa
+
+
+def _attack(images: torch.Tensor, sigma: float, index: int, config: SweepConfig):
+    """Real DP-SGD steps of the shadow imprint model over the images; returns noisy images, stds and sample ids."""
+    shadow = ShadowImprint(calibration=images, bins=config.bins, noise_multiplier=sigma,
+                           max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
+                           seed=config.seed * 1000 + index)
+    noisy, variances, owners = [], [], []
+    for begin in range(0, images.shape[0], config.batch_size):
+        batch = images[begin : begin + config.batch_size]
+        total, variance, seen = None, None, None
+        for _ in range(config.links):
+            recovered = recover_images(shadow.step(batch), shadow.block, scale=config.scale, originals=batch)
+            ids = recovered.sample_index
+            if total is None:
+                total = torch.zeros_like(batch)
+                variance = torch.zeros(batch.shape[0], dtype=torch.float64)
+                seen = torch.zeros(batch.shape[0], dtype=torch.long)
+            total[ids] += recovered.images
+            variance[ids] += recovered.noise_std**2
+            seen[ids] += 1
+        keep = torch.nonzero(seen == config.links).flatten()  # linked in every step
+        noisy.append(total[keep] / config.links)
+        variances.append(variance[keep].sqrt() / config.links)  # std of the mean of independent noisy copies
+        owners.append(keep + begin)
+    return torch.cat(noisy), torch.cat(variances), torch.cat(owners)
+
+
+def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_total) -> tuple[SweepEntry, torch.Tensor]:
+    started = time.perf_counter()
+    noisy, stds, owners = _attack(images, sigma, index, config)
+    originals = images[owners]
+    output = prior.reconstruct(noisy, stds, sampler=config.sampler, steps=config.steps, seed=config.seed + index)
+    noisy_values = metrics(noisy.clamp(0, 1), originals)
+    recon_values = metrics(output.images, originals)
+    epsilons = schedule_epsilon(noise_multiplier=sigma, sample_rate=config.sample_rate, steps=steps_total,
+                                delta=config.delta)
+    bounds: dict[str, float | None] = {}
+    for key, k in kappa.items():
+        try:
+            bounds[key] = rero_bound_dpsgd(noise_multiplier=sigma, sample_rate=config.sample_rate,
+                                           steps=steps_total, kappa=k)
+        except RuntimeError:  # Opacus's PRV discretisation fails at tiny noise multipliers
+            bounds[key] = None
+    quantiles = torch.quantile(stds, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist() \
+        if stds.numel() else [math.nan] * 3
+    entry = SweepEntry(
+        noise_multiplier=sigma,
+        epsilon=epsilons["prv"] if epsilons["prv"] is not None else epsilons["rdp"],
+        epsilon_rdp=epsilons["rdp"], epsilon_prv=epsilons["prv"], delta=config.delta, mu=1.0 / sigma,
+        links=config.links, n_images=int(noisy.shape[0]),
+        noise_std=dict(zip(("q10", "median", "q90"), quantiles)),
+        t_start_median=float(output.t_start.double().median()) if noisy.shape[0] else math.nan,
+        noisy=summarize(noisy_values), reconstructed=summarize(recon_values),
+        success=success_rates(recon_values), kappa=dict(kappa), rero_bound=bounds,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    grid = image_grid([originals[:16], noisy[:16].clamp(0, 1), output.images[:16]])
+    return entry, grid
+
+
+def _recommend(entries: list[SweepEntry], config: SweepConfig) -> dict:
+    key = f"{config.success_metric}@{config.success_eta:g}"
+    safe = [e for e in sorted(entries, key=lambda e: e.noise_multiplier) if e.success.get(key, 1.0) <= config.target_success]
+    if not safe:
+        return {"noise_multiplier": None, "criterion": key, "target_success": config.target_success,
+                "message": f"no swept noise multiplier keeps the {key} success rate at or below "
+                           f"{config.target_success:g}: sweep larger ones"}
+    best = safe[0]
+    return {"noise_multiplier": best.noise_multiplier, "epsilon": best.epsilon, "delta": config.delta,
+            "criterion": key, "target_success": config.target_success, "success": best.success.get(key),
+            "message": f"noise multiplier {best.noise_multiplier:g}: {key} success rate "
+                       f"{best.success.get(key, 0):.3f} <= {config.target_success:g}, epsilon "
+                       f"{best.epsilon if best.epsilon is not None else float('nan'):.3g} at delta {config.delta:g} "
+                       f"for your schedule (q = {config.sample_rate:g}, {config.epochs:g} epochs)"}
+
+
+def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfig | None = None,
+              out_dir: str | Path | None = None, progress: bool = False) -> SweepResult:
+    """Run the sweep (see the module docstring); writes the outputs to ``out_dir`` on rank 0 when given.
+
+    Raises:
+        ValueError: for invalid settings.
+    """
+    config = config or SweepConfig()
+    config.validate()
+    if config.target_epsilons is not None:
+        from opacus.accountants.utils import get_noise_multiplier
+
+        sigmas = [float(get_noise_multiplier(target_epsilon=e, target_delta=config.delta,
+                                             sample_rate=config.sample_rate, steps=config.training_steps,
+                                             accountant="prv")) for e in config.target_epsilons]
+    else:
+        sigmas = [float(s) for s in config.noise_multipliers]
+    images = images.detach().float().cpu()
+    metrics = ImageMetrics(metrics=("mse", "psnr", "ssim", "lpips"))
+    kappa = estimate_kappa(prior, images, metrics=metrics, samples=config.kappa_samples, sampler=config.sampler,
+                           steps=config.steps, seed=config.seed)
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    mine = []
+    for index, sigma in enumerate(sigmas):
+        if index % world != rank:
+            continue
+        if progress:
+            print(f"  sigma {sigma:g} ...", flush=True)
+        entry, grid = _sweep_one(images, sigma, index, prior=prior, config=config, metrics=metrics, kappa=kappa,
+                                 steps_total=config.training_steps)
+        mine.append((index, entry, grid))
+    if distributed:
+        gathered: list = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = [item for part in gathered for item in part]
+    mine.sort(key=lambda item: item[0])
+    entries = [entry for _, entry, _ in mine]
+    result = SweepResult(entries=entries, recommendation=_recommend(entries, config), config=asdict(config),
+                         prior=prior.name, grids={entry.noise_multiplier: grid for _, entry, grid in mine})
+    if out_dir is not None and rank == 0:
+        write_sweep(result, out_dir)
+    return result
+
+
+def write_sweep(result: SweepResult, out_dir: str | Path) -> Path:
+    """sweep.json, sweep.csv, plots, one grid per sigma and TensorBoard logs (owner-only: grids show images)."""
+    out = make_private_dir(out_dir)
+    write_json(out / "sweep.json", result.to_json())
+    write_json(out / "recommendation.json", {"recommendation": result.recommendation, "config": result.config,
+                                             "prior": result.prior})
+    rows = [_flatten(asdict(e)) for e in result.entries]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["noise_multiplier"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_private_bytes(out / "sweep.csv", buffer.getvalue().encode())
+    for sigma, grid in result.grids.items():
+        save_image_grid([grid.unsqueeze(0)], out / f"grid_sigma_{sigma:g}.png")
+    _plot(result, out)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer_tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+    for i, entry in enumerate(result.entries):
+        for prefix, values in (("noisy", entry.noisy), ("reconstructed", entry.reconstructed),
+                               ("success_rate", entry.success), ("rero_bound", entry.rero_bound)):
+            for name, value in values.items():
+                if value is not None and value == value and math.isfinite(value):
+                    writer_tb.add_scalar(f"sweep/{prefix}/{name}", value, global_step=i)
+        if entry.epsilon is not None:
+            writer_tb.add_scalar("sweep/epsilon", entry.epsilon, global_step=i)
+        writer_tb.add_scalar("sweep/noise_multiplier", entry.noise_multiplier, global_step=i)
+        if entry.noise_multiplier in result.grids:
+            writer_tb.add_image("sweep/original_noisy_reconstructed", result.grids[entry.noise_multiplier],
+                                global_step=i)
+    writer_tb.add_text("sweep/recommendation", result.recommendation["message"], global_step=0)
+    writer_tb.close()
+    for path in (out / "tensorboard").rglob("*"):
+        path.chmod(0o600 if path.is_file() else 0o700)
+    (out / "tensorboard").chmod(0o700)
+    return out
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _plot(result: SweepResult, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in result.entries if e.n_images]
+    if not entries:
+        return
+    sigmas = [e.noise_multiplier for e in entries]
+    epsilons = [e.epsilon if e.epsilon is not None else math.nan for e in entries]
+    for axis_name, xs in (("sigma", sigmas), ("epsilon", epsilons)):
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+        for ax, metric in zip(axes[:3], ("psnr", "ssim", "mse")):
+            ax.plot(xs, [e.noisy.get(metric) for e in entries], "o--", label="noisy (recovered)")
+            ax.plot(xs, [e.reconstructed.get(metric) for e in entries], "o-", label="reconstructed")
+            ax.set_xlabel(axis_name)
+            ax.set_ylabel(metric.upper())
+            ax.set_xscale("log")
+            ax.legend()
+        ax = axes[3]
+        for key in sorted(entries[0].success):
+            line, = ax.plot(xs, [e.success[key] for e in entries], "o-", label=f"success {key}")
+            bounds = [e.rero_bound.get(key) for e in entries]
+            ax.plot(xs, [math.nan if b is None else b for b in bounds], "s:", color=line.get_color(),
+                    label=f"ReRo bound {key}")
+        ax.set_xlabel(axis_name)
+        ax.set_ylabel("success rate")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+        fig.suptitle(f"opacus-dmaudit sweep, prior {result.prior}")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        plt.close(fig)
+        write_private_bytes(out / f"sweep_vs_{axis_name}.png", buffer.getvalue(), private=False)

@@ -1,0 +1,88 @@
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.sweep import SweepConfig, run_sweep
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_images, tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    config = SweepConfig(noise_multipliers=(3.0, 0.3), batch_size=32, bins=64, steps=2, kappa_samples=2,
+                         sample_rate=0.01, epochs=1)
+    result = run_sweep(fashion_images[:64], prior, config=config, out_dir=tmp_path / "sweep")
+    entries = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [e["noise_multiplier"] for e in entries] == [3.0, 0.3]
+    low, high = entries[1], entries[0]  # sigma 0.3 and 3
+    assert low["epsilon"] > high["epsilon"] > 0 and low["mu"] == pytest.approx(1 / 0.3)
+    # The recovered noise follows sigma (the DP floor scales with it), so the noisy images get worse.
+    assert high["noise_std"]["median"] == pytest.approx(10 * low["noise_std"]["median"], rel=0.05)
+    assert low["noisy"]["psnr"] > high["noisy"]["psnr"]
+    for entry in entries:
+        assert set(entry["success"]) == set(entry["kappa"]) == set(entry["rero_bound"])
+        for key, bound in entry["rero_bound"].items():
+            assert entry["kappa"][key] <= bound <= 1.0
+    assert low["rero_bound"]["mse@0.03"] >= high["rero_bound"]["mse@0.03"]
+    for name in ("sweep.csv", "sweep_vs_sigma.png", "sweep_vs_epsilon.png", "grid_sigma_0.3.png",
+                 "recommendation.json"):
+        assert (tmp_path / "sweep" / name).is_file(), name
+    assert (tmp_path / "sweep" / "grid_sigma_0.3.png").stat().st_mode & 0o077 == 0
+    assert list((tmp_path / "sweep" / "tensorboard").glob("events.out.tfevents.*"))
+    assert result.recommendation["criterion"] == "ssim@0.5"
+
+
+def test_linking_steps_lowers_the_noise(fashion_images, tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    base = dict(noise_multipliers=(0.05,), batch_size=32, bins=64, steps=1, kappa_samples=1)
+    one = run_sweep(fashion_images[:32], prior, config=SweepConfig(**base)).entries[0]
+    four = run_sweep(fashion_images[:32], prior, config=SweepConfig(**base, links=4)).entries[0]
+    assert four.noise_std["median"] == pytest.approx(one.noise_std["median"] / 2, rel=0.05)
+    assert four.noisy["psnr"] > one.noisy["psnr"] + 2  # a quarter of the variance (clamped images: under 6 dB)
+
+
+def test_two_processes_give_the_same_figures_as_one(tmp_path, tiny_prior_dir):
+    args = ["sweep", "--images", "fashion-mnist", "--prior", tiny_prior_dir, "--noise-multipliers", "0.5", "2",
+            "--limit", "32", "--batch-size", "32", "--bins", "64", "--steps", "2", "--kappa-samples", "2"]
+    single = subprocess.run([sys.executable, "-m", "opacus_dmaudit", *args, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", "-m", "opacus_dmaudit", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "sweep.json").read_text())
+    two = json.loads((tmp_path / "two" / "sweep.json").read_text())
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for key in ("noise_multiplier", "epsilon", "n_images", "noise_std", "noisy", "reconstructed", "success",
+                    "kappa", "rero_bound"):
+            # Equal up to float reduction order (torchrun gives each process one thread).
+            assert _close(a[key], b[key]), (key, a[key], b[key])
+
+
+def _close(a, b, tol=1e-4):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= tol * max(1.0, abs(a))
+
+
+def test_sweep_rejects_bad_settings(fashion_images, tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    with pytest.raises(ValueError, match="sample_rate"):
+        run_sweep(fashion_images[:8], prior, config=SweepConfig(sample_rate=2.0))
+    with pytest.raises(ValueError, match="noise multipliers"):
+        run_sweep(fashion_images[:8], prior, config=SweepConfig(noise_multipliers=(0.0,)))
