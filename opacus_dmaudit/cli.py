@@ -231,7 +231,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if rank == 0:
         key = f"{config.success_metric}@{config.success_eta:g}"
         header = (f"{'sigma':>7} {'epsilon':>9} {'images':>6} {'noise std':>9} | {'noisy PSNR':>10} {'recon PSNR':>10} "
-                  f"{'recon SSIM':>10} | {'success ' + key:>16} {'kappa':>7} {'ReRo bound':>10}")
+                  f"{'recon SSIM':>10} | {'success ' + key:>16} {'kappa':>7} {'bound: steps':>12} "
+                  f"{'bound: schedule':>15}")
         print(f"schedule: q = {config.sample_rate:g}, {config.epochs:g} epochs ({config.training_steps} steps), "
               f"delta = {config.delta:g}; attack: batch {config.batch_size}, {config.bins} bins, links "
               f"{config.links}; prior {result.prior}")
@@ -243,7 +244,10 @@ def _sweep(args: argparse.Namespace) -> int:
             print(f"{e.noise_multiplier:>7.3g} {eps:>9} {e.n_images:>6d} {e.noise_std['median']:>9.3g} | "
                   f"{e.noisy['psnr']:>10.2f} {e.reconstructed['psnr']:>10.2f} {e.reconstructed['ssim']:>10.3f} | "
                   f"{e.success.get(key, float('nan')):>16.3f} {e.kappa.get(key, float('nan')):>7.4f} "
-                  f"{'n/a' if bound is None else format(bound, '.3f'):>10}")
+                  f"{e.rero_bound_attack.get(key, float('nan')):>12.3f} "
+                  f"{'n/a' if bound is None else format(bound, '.3f'):>15}")
+        print("bound: steps = ReRo bound for what the attack saw (the sample known to be in the attacked step(s)); "
+              "bound: schedule = what DP promises for your whole Poisson-sampled schedule")
         print(f"recommendation: {result.recommendation['message']}")
         print(f"wrote {args.out}/sweep.json, sweep.csv, sweep_vs_sigma.png, sweep_vs_epsilon.png, grids, "
               f"tensorboard/ (private: the grids show the images)")

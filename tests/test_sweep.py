@@ -32,6 +32,7 @@ def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_imag
         assert set(entry["success"]) == set(entry["kappa"]) == set(entry["rero_bound"])
         for key, bound in entry["rero_bound"].items():
             assert entry["kappa"][key] <= bound <= 1.0
+            assert entry["kappa"][key] <= entry["rero_bound_attack"][key] <= 1.0
     assert low["rero_bound"]["mse@0.03"] >= high["rero_bound"]["mse@0.03"]
     for name in ("sweep.csv", "sweep_vs_sigma.png", "sweep_vs_epsilon.png", "grid_sigma_0.3.png",
                  "recommendation.json"):
