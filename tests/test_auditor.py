@@ -198,3 +198,23 @@ def test_normalised_inputs_are_audited_in_pixel_space(tmp_path, fashion_images, 
         tmp_path, tiny_prior_dir, mode="inline", input_mean=mean, input_std=std))
     record = auditor.records[0]
     assert record.recovered > 10 and record.noisy["mse"] < 1e-10  # compared with the pixel-space originals
+
+
+def test_gradient_accumulation_audits_the_whole_logical_batch(tmp_path, fashion_images, tiny_prior_dir):
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(fashion_images[:128], torch.randint(0, 10, (128,))), batch_size=32)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode="inline", every=1))
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    for i, (x, y) in enumerate(loader):
+        nn.functional.cross_entropy(model(x), y).backward()
+        if i % 2 == 1:  # two backward passes per optimizer step
+            optimizer.step()
+            optimizer.zero_grad()
+    auditor.close()
+    assert [r.batch_size for r in auditor.records] == [64, 64]
+    assert all(r.recovered > 10 and r.noisy["mse"] < 1e-10 for r in auditor.records)
