@@ -66,3 +66,11 @@ def test_train_prior_cli(tmp_path):
                   "--model-size", "tiny", "--epochs", "1", "--batch-size", "32", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "p" / "unet" / "config.json").is_file() and "trained 2 steps" in out.stdout
+
+
+def test_reconstruct_with_estimated_noise(tmp_path, tiny_prior_dir):
+    out = run_cli("reconstruct", "--prior", tiny_prior_dir, "--images", FASHION_TEST, "--noise-std", "0.3",
+                  "--limit", "8", "--steps", "2", "--estimate-noise", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    level = json.loads((tmp_path / "r.json").read_text())["levels"][0]
+    assert abs(level["estimated_noise_std"] / 0.3 - 1) < 0.15  # the attacker's own estimate, from the images
