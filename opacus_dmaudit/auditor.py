@@ -287,17 +287,14 @@ class DMAuditor:
         items = [dataset[i] for i in range(0, step * count, step)]
         return torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item) for item in items]).float()
 
-    def _new_block(self, sample: torch.Tensor) -> ImprintBlock:
-        block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
-                             measurement=self.measurement, gain=self.gain, seed=self.seed)
-        return block.calibrate(sample)
-
     def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
         """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with
         ``optimizer`` (learning rate 0; they are also restored after each step)."""
         sample = self._calibration_sample(data_loader)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        self.block = self._new_block(sample).to(device)
+        self.block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
+                                  measurement=self.measurement, gain=self.gain, seed=self.seed).calibrate(sample)
+        self.block = self.block.to(device)
         optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
         return ImprintedModel(module, self.block)
 

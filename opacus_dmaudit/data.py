@@ -7,7 +7,6 @@ noise levels in this package are expressed in.
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -376,8 +375,3 @@ def denormalize(
             raise ValueError(f"normalisation {name} has {value.numel()} values for {channels} channels")
     shape = (-1, 1, 1)
     return images * std_t.view(shape) + mean_t.view(shape)
-
-
-def grid_side(count: int) -> int:
-    """Columns of a near-square grid of ``count`` images."""
-    return max(1, math.ceil(math.sqrt(count)))

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 __all__ = [
     "METRICS",
-    "LOWER_IS_BETTER",
     "mse",
     "psnr",
     "ssim",
@@ -35,7 +33,6 @@ __all__ = [
 ]
 
 METRICS = ("mse", "psnr", "ssim", "lpips")
-LOWER_IS_BETTER = {"mse": True, "psnr": False, "ssim": False, "lpips": True}
 VGG16_CHECKPOINT = "vgg16-397923af.pth"  # the file torchvision's VGG16_Weights.IMAGENET1K_V1 downloads
 
 
@@ -232,8 +229,3 @@ def success_rate(values: torch.Tensor, threshold: float, *, lower_is_better: boo
     """Fraction of images whose error is within ``threshold`` (``<=`` for errors, ``>=`` for similarities)."""
     hits = values <= threshold if lower_is_better else values >= threshold
     return float(hits.double().mean()) if values.numel() else math.nan
-
-
-def as_numpy(values: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray | None]:
-    """Per-image values as numpy arrays (for JSON or CSV)."""
-    return {k: (None if v is None else v.numpy()) for k, v in values.items()}

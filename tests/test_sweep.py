@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.sweep import SweepConfig, run_sweep
