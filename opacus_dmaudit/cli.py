@@ -226,7 +226,10 @@ def _sweep(args: argparse.Namespace) -> int:
     if config.sample_rate > 1:
         raise CliError(f"--sample-rate must be at most 1, got {config.sample_rate}")
     images = load_images(args.images, limit=args.limit)
-    prior = DiffusionPrior.from_pretrained(args.prior, device=args.device)
+    device = args.device
+    if device is None and torch.distributed.is_initialized() and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"  # one GPU per process
+    prior = DiffusionPrior.from_pretrained(args.prior, device=device)
     result = run_sweep(images, prior, config=config, out_dir=args.out, progress=rank == 0)
     if rank == 0:
         key = f"{config.success_metric}@{config.success_eta:g}"
