@@ -133,6 +133,8 @@ class DiffusionPrior:
         if self.device.type == "cuda":
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
+        # The schedule lives on the device once, not copied there at every UNet call.
+        self._abar = self.alphas_cumprod.to(self.device)
         self.prediction_type = prediction_type
         self.name = name
         self.clip_sample = clip_sample
@@ -355,7 +357,7 @@ class DiffusionPrior:
         out = out.float()
         if self._learned_variance:
             out = out[:, : self.channels]
-        abar = self.alphas_cumprod.to(self.device)[t].float().view(-1, 1, 1, 1)
+        abar = self._abar[t].float().view(-1, 1, 1, 1)
         a, b = abar.sqrt(), (1.0 - abar).sqrt()
         if self.prediction_type == "epsilon":
             eps = out
@@ -373,16 +375,18 @@ class DiffusionPrior:
         return x0, eps
 
     def _ddim(self, x: torch.Tensor, t_start: torch.Tensor, *, steps: int, generator: torch.Generator) -> torch.Tensor:
-        abar_all = self.alphas_cumprod.to(self.device).float()
+        abar_all = self._abar.float()
+        t_host = t_start.cpu()  # step decisions on the host: no device sync inside the loop
         for j in range(steps):
             # Per image: t_j = floor(t* (steps - j) / steps), the last jump goes to abar = 1 (a clean image).
-            t = torch.div(t_start * (steps - j), steps, rounding_mode="floor")
-            t_next = torch.div(t_start * (steps - j - 1), steps, rounding_mode="floor")
             if 0 < j < steps - 1:
                 # Images whose t* < steps repeat timesteps; skip the model call when nothing in the batch moves.
-                t_prev_iter = torch.div(t_start * (steps - j + 1), steps, rounding_mode="floor")
-                if bool((t == t_prev_iter).all()):
+                now = torch.div(t_host * (steps - j), steps, rounding_mode="floor")
+                before = torch.div(t_host * (steps - j + 1), steps, rounding_mode="floor")
+                if bool((now == before).all()):
                     continue
+            t = torch.div(t_start * (steps - j), steps, rounding_mode="floor")
+            t_next = torch.div(t_start * (steps - j - 1), steps, rounding_mode="floor")
             x0, eps = self._predict_x0_eps(x, t)
             if j == steps - 1:
                 return x0
@@ -391,13 +395,13 @@ class DiffusionPrior:
         return x
 
     def _ddpm(self, x: torch.Tensor, t_start: torch.Tensor, *, steps: int, generator: torch.Generator) -> torch.Tensor:
-        abar_all = self.alphas_cumprod.to(self.device).float()
+        abar_all = self._abar.float()
         abar_prev_all = torch.cat([abar_all.new_ones(1), abar_all[:-1]])
         alphas = abar_all / abar_prev_all
         t = t_start.clone()
-        for current in range(int(t_start.max()), -1, -1):
-            active = t_start >= current  # images sorted by t*: active ones form a prefix
-            n = int(active.sum())
+        t_host = t_start.cpu()  # step decisions on the host: no device sync inside the loop
+        for current in range(int(t_host.max()), -1, -1):
+            n = int((t_host >= current).sum())  # images sorted by t*: the active ones form a prefix
             xa, ta = x[:n], t[:n]
             x0, _ = self._predict_x0_eps(xa, ta)
             abar, abar_prev, alpha = abar_all[ta], abar_prev_all[ta], alphas[ta]
