@@ -203,7 +203,6 @@ class DMAuditor:
         self._engine = privacy_engine
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
-        self._captured: CapturedGradients | None = None
         self._pending: list[torch.Tensor] = []
         self._steps = 0
         self._handles: list[Any] = []
@@ -318,7 +317,7 @@ class DMAuditor:
             # in grad_sample_mode="ew") while the training thread runs. Restored each step, the copy stays valid.
             self._block_copy = self.block.cpu_copy()
             self._capture = GradientCapture(optimizer, self.block.imprint, should_capture=self._is_audited,
-                                            on_capture=self._store_capture, after_step=self._after_step)
+                                            after_step=self._after_step)
             restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
             self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
         else:
@@ -339,9 +338,6 @@ class DMAuditor:
             self._pending.append(args[0].detach().to("cpu", copy=True))
             self.blocking_seconds += time.perf_counter() - started
 
-    def _store_capture(self, captured: CapturedGradients) -> None:
-        self._captured = captured
-
     def _after_step(self, step: int) -> None:
         started = time.perf_counter()
         try:
@@ -352,7 +348,6 @@ class DMAuditor:
     def _enqueue(self, step: int) -> None:
         self._steps = step
         pending, self._pending = self._pending, []
-        captured, self._captured = self._captured, None
         if not self._is_audited(step):
             return
         if self._distributed_inline:
@@ -367,6 +362,8 @@ class DMAuditor:
             return
         optimizer = self._optimizer
         accountant = getattr(self._engine, "accountant", None)
+        latest = self._capture.latest if self._capture is not None else None
+        captured = latest if latest is not None and latest.step == step else None  # inline: this step's capture
         job = _Job(
             step=step,
             batch=torch.cat(pending),
@@ -528,27 +525,20 @@ class DMAuditor:
         if self._closed:
             return
         self._closed = True
-        if not self.active:
-            for handle in self._handles:
-                handle.remove()
-            if self._capture is not None:
-                self._capture.detach()
-            return
-        self._queue.put(None)
-        self._worker.join()
+        if self.active:
+            self._queue.put(None)
+            self._worker.join()
         for handle in self._handles:
             handle.remove()
         if self._capture is not None:
             self._capture.detach()
-        last = self.records[-1] if self.records else None
-        final = {}
-        if last is not None:
+        if not self.active:
+            return
+        if self.records:
+            last = self.records[-1]
             final = {f"hparam/reconstructed_{k}": v for k, v in last.reconstructed.items()}
             final["hparam/epsilon"] = last.epsilon
-        if final:
-            hparams = dict(self.settings())
-            hparams["noise_multiplier"] = last.noise_multiplier
-            self.writer.hparams(hparams, final)
+            self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
         self.writer.close()
 
     def __enter__(self) -> "DMAuditor":

@@ -9,7 +9,6 @@ the clean clipped sum that the oracle noise level needs.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -142,7 +141,6 @@ class GradientCapture:
         self.after_step = after_step
         self.steps = 0
         self.latest: CapturedGradients | None = None
-        self._lock = threading.Lock()
         # The accountant (or whatever was there) keeps running first and unconditionally.
         self._handle = chain_step_hook(optimizer, self._hook)
 
@@ -175,8 +173,7 @@ class GradientCapture:
             coordinate_noise_std=float(optimizer.noise_multiplier * optimizer.max_grad_norm),
             step=self.steps,
         )
-        with self._lock:
-            self.latest = captured
+        self.latest = captured
         if self.on_capture is not None:
             self.on_capture(captured)
 

@@ -189,10 +189,9 @@ class DiffusionPrior:
             )
         if local_files_only is None:
             local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        hub_unreachable = False
         if isinstance(source, str) and not local_files_only and not _hub_reachable():
             # Without this, huggingface_hub retries for about 20 s before failing; the cache still serves.
-            local_files_only = hub_unreachable = True
+            local_files_only = True
         kwargs = dict(use_safetensors=None if allow_pickle else True, local_files_only=local_files_only,
                       low_cpu_mem_usage=False, torch_dtype=torch.float32)
         try:
@@ -202,7 +201,7 @@ class DiffusionPrior:
                                                           local_files_only=local_files_only)
         except Exception as exc:  # diffusers raises OSError, EnvironmentError or hub errors depending on the cause
             raise _explain_load_failure(text, source, exc, allow_pickle=allow_pickle,
-                                        offline=hub_unreachable or local_files_only) from None
+                                        offline=local_files_only) from None
         return cls(
             unet,
             alphas_cumprod=scheduler.alphas_cumprod,

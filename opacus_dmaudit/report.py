@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "write_private_bytes", "write_json",
+__all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
+           "write_json",
            "image_grid", "save_image_grid"]
 
 PRIVATE_FILE_MODE = 0o600
@@ -26,6 +27,16 @@ def make_private_dir(path: str | os.PathLike) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     os.chmod(path, PRIVATE_DIR_MODE)
     return path
+
+
+def protect_tree(path: str | os.PathLike) -> None:
+    """Make a folder and everything below it owner-only (files written by other libraries, e.g. TensorBoard)."""
+    root = Path(path)
+    for item in [root, *root.rglob("*")]:
+        try:
+            os.chmod(item, PRIVATE_DIR_MODE if item.is_dir() else PRIVATE_FILE_MODE)
+        except OSError:
+            pass
 
 
 def write_private_bytes(path: str | os.PathLike, data: bytes, *, private: bool = True) -> Path:
@@ -105,11 +116,7 @@ class AuditLogWriter:
 
     def _protect(self) -> None:
         # The folder is already owner-only; tighten the files too in case it is ever moved or shared.
-        for path in self.log_dir.rglob("*"):
-            try:
-                os.chmod(path, PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE)
-            except OSError:
-                pass
+        protect_tree(self.log_dir)
 
     def config(self, settings: dict[str, Any]) -> None:
         rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())

@@ -28,7 +28,8 @@ from opacus_dmaudit.data import adapt_to_prior, restore_from_prior
 from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, reconstruction_errors, success_rates, summarize
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import recover_images
-from opacus_dmaudit.report import image_grid, make_private_dir, save_image_grid, write_json, write_private_bytes
+from opacus_dmaudit.report import (image_grid, make_private_dir, protect_tree, save_image_grid, write_json,
+                                   write_private_bytes)
 from opacus_dmaudit.shadow import ShadowImprint
 
 __all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_kappa"]
@@ -304,9 +305,7 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> Path:
                                 global_step=i)
     writer_tb.add_text("sweep/recommendation", result.recommendation["message"], global_step=0)
     writer_tb.close()
-    for path in (out / "tensorboard").rglob("*"):
-        path.chmod(0o600 if path.is_file() else 0o700)
-    (out / "tensorboard").chmod(0o700)
+    protect_tree(out / "tensorboard")
     return out
 
 
