@@ -2,7 +2,8 @@
 
 Data flow, one module each: ``imprint`` (binning block in front of the model) -> ``capture`` (clipped and noised
 gradients from real DP-SGD steps) -> ``recovery`` (noisy images and their noise levels) -> ``prior`` (diffusion
-model denoising from a matched timestep) -> ``metrics`` -> ``report``.
+model denoising from a matched timestep; its reverse chain, fast path included, in ``reverse_process``) ->
+``metrics`` -> ``report``.
 """
 
 from opacus_dmaudit.auditor import AuditRecord, DMAuditor
@@ -14,6 +15,7 @@ from opacus_dmaudit.metrics import ImageMetrics, lpips_distance, lpips_status, m
 from opacus_dmaudit.noise import add_gaussian_noise, estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, PriorLoadError, ReconstructionOutput
 from opacus_dmaudit.recovery import RecoveredImages, recover_images
+from opacus_dmaudit.reverse_process import FastPathConfig
 from opacus_dmaudit.training import PriorTrainingConfig, train_prior
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __all__ = [
     "CapturedGradients",
     "DMAuditor",
     "DiffusionPrior",
+    "FastPathConfig",
     "GradientCapture",
     "ImageLoadError",
     "ImageMetrics",

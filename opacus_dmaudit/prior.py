@@ -5,9 +5,9 @@ with ``sigma_t = sqrt((1 - abar_t) / abar_t)``. A noisy image ``x_hat = x_0 + s 
 the model's ``[-1, 1]`` scale) therefore *is* a forward-process sample at the ``t*`` where ``sigma_t* = 2 s``, up to
 the factor ``sqrt(abar_t*)``; the reverse process runs from there to 0.
 
-The reverse loops are written against ``alphas_cumprod`` directly rather than through ``scheduler.step`` because
+The reverse process is written against ``alphas_cumprod`` directly rather than through ``scheduler.step`` because
 every image of a batch may start at its own ``t*`` (each recovered image has its own noise level): the update is
-vectorised over per-image timesteps.
+vectorised over per-image timesteps (:mod:`opacus_dmaudit.reverse_process`, which also holds the fast path).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from opacus_dmaudit.data import Adaptation, adapt_to_prior, restore_from_prior
+from opacus_dmaudit.reverse_process import FastPathConfig, ReverseProcess, plan_ddim, plan_ddpm
 
 __all__ = [
     "PriorLoadError",
@@ -30,6 +31,7 @@ __all__ = [
     "DiffusionPrior",
     "ReconstructionOutput",
     "noise_std_to_model_sigma",
+    "image_seeds",
 ]
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "priors"
@@ -91,6 +93,9 @@ class ReconstructionOutput:
         adaptation: how the images were mapped onto the prior's grid.
         sampler: "ddpm" or "ddim".
         steps: reverse steps per image (DDIM: ``min(k, t*)``-spaced; DDPM: ``t* + 1``).
+        fast_path: the speed options that ran, e.g. ``"bf16 + channels_last + compile + cuda_graphs"``.
+        fallbacks: why a configured speed option was switched off (empty while all run).
+        notes: what a reader of the result should know: the fallbacks, and images that are prior samples.
     """
 
     images: torch.Tensor
@@ -100,6 +105,8 @@ class ReconstructionOutput:
     adaptation: Adaptation
     sampler: str
     steps: int
+    fast_path: str = ""
+    fallbacks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -113,6 +120,8 @@ class DiffusionPrior:
         name: where the prior came from, for reports.
         device: where to run; defaults to CUDA when available.
         clip_sample: clamp the predicted ``x_0`` to ``[-1, 1]`` at each step (as diffusers' DDPM default).
+        fast_path: speed options (bf16, channels_last, torch.compile, CUDA graphs); by default all of them on
+            CUDA and none on CPU. See :class:`~opacus_dmaudit.reverse_process.FastPathConfig`.
     """
 
     def __init__(
@@ -124,24 +133,22 @@ class DiffusionPrior:
         name: str = "prior",
         device: str | torch.device | None = None,
         clip_sample: bool = True,
+        fast_path: FastPathConfig | None = None,
     ) -> None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         with _quiet_diffusers():
             self.unet = unet.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
-        if self.device.type == "cuda":
-            self.unet = self.unet.to(memory_format=torch.channels_last)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
-        # The schedule lives on the device once, not copied there at every UNet call.
-        self._abar = self.alphas_cumprod.to(self.device)
         self.prediction_type = prediction_type
         self.name = name
         self.clip_sample = clip_sample
         config = getattr(unet, "config", None)
         self.resolution = int(_config_get(config, "sample_size", 32))
         self.channels = int(_config_get(config, "in_channels", 1))
-        self._learned_variance = int(_config_get(config, "out_channels", self.channels)) == 2 * self.channels
+        self.reverse_process = ReverseProcess(self.unet, prediction_type=prediction_type, clip_sample=clip_sample,
+                                              channels=self.channels, device=self.device, config=fast_path)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -152,6 +159,7 @@ class DiffusionPrior:
         device: str | torch.device | None = None,
         allow_pickle: bool = False,
         local_files_only: bool | None = None,
+        fast_path: FastPathConfig | None = None,
     ) -> "DiffusionPrior":
         """Load a diffusers DDPM-style pipeline (a ``unet`` and a ``scheduler`` with ``alphas_cumprod``).
 
@@ -161,6 +169,7 @@ class DiffusionPrior:
             allow_pickle: also accept ``.bin`` pickle checkpoints (they can execute code when loaded; only
                 for sources you trust). Safetensors only by default.
             local_files_only: never touch the network; defaults to ``HF_HUB_OFFLINE``.
+            fast_path: speed options, see :class:`DiffusionPrior`.
 
         Raises:
             PriorLoadError: with the cause and the alternatives, for anything that is not a loadable prior.
@@ -209,6 +218,7 @@ class DiffusionPrior:
             name=text,
             device=device,
             clip_sample=bool(scheduler.config.get("clip_sample", True)),
+            fast_path=fast_path,
         )
 
     # ------------------------------------------------------------------ schedule
@@ -235,7 +245,7 @@ class DiffusionPrior:
         *,
         sampler: str = "ddim",
         steps: int = 50,
-        seed: int | None = 0,
+        seed: int | Sequence[int] | torch.Tensor | None = 0,
         batch_size: int | None = None,
         progress: bool | Callable[[int], None] = False,
         spatial: str = "auto",
@@ -248,7 +258,9 @@ class DiffusionPrior:
             sampler: "ddim" (deterministic, eta = 0, ``steps`` steps from ``t*``) or "ddpm" (ancestral, every
                 step from ``t*``).
             steps: DDIM step count.
-            seed: seed of the sampler's noise (DDPM steps, padding noise, pure-noise starts).
+            seed: seed of the sampler's noise (padding noise, pure-noise starts, DDPM steps), or one seed per image.
+                Start noise is drawn per image, so DDIM results do not depend on ``batch_size`` or on which
+                images share a batch; DDPM's step noise is seeded per batch by its first image.
             batch_size: images per UNet call; defaults to 256 on CUDA and 32 on CPU.
             progress: show a tqdm bar (True) or call this with the number of images finished.
             spatial: how to adapt sizes, see :func:`opacus_dmaudit.data.adapt_to_prior`.
@@ -282,31 +294,33 @@ class DiffusionPrior:
         from_prior = model_sigma > self.sigmas[-1]
         t_start[from_prior] = self.num_timesteps - 1
 
-        seed = 0 if seed is None else seed
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        # The reverse process draws its noise where it runs, so DDPM steps on CUDA need no host round trip.
-        step_generator = torch.Generator(device=self.device).manual_seed(seed)
+        seeds = image_seeds(seed, count)
         batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
         outputs = []
         bar = _progress_bar(count, progress)
-        # Sorting by t* keeps each DDPM batch's active set contiguous and its loop short.
+        # Sorting by t* keeps each DDPM batch's moving images a prefix and its chain short.
         order = torch.argsort(t_start, descending=True, stable=True)
         for begin in range(0, count, batch_size):
             index = order[begin : begin + batch_size]
             x_hat = adapted[index] * 2.0 - 1.0
-            noise = torch.randn(x_hat.shape, generator=generator)
+            # Each image's start noise comes from its own seed, so a DDIM result does not depend on the batching.
+            pad_noise, start_noise = _per_image_noise(seeds[index], x_hat.shape[1:])
             if adaptation.spatial == "pad":
                 # The prior must see noise everywhere: padded borders get noise of the image's own level.
                 mask = _pad_mask(x_hat.shape[-2:], adaptation.padding)
-                x_hat = torch.where(mask, x_hat, x_hat + model_sigma[index].view(-1, 1, 1, 1).float() * noise)
+                x_hat = torch.where(mask, x_hat, x_hat + model_sigma[index].view(-1, 1, 1, 1).float() * pad_noise)
             t = t_start[index]
             abar = self.alphas_cumprod[t].view(-1, 1, 1, 1).float()
             x_start = abar.sqrt() * x_hat
             pure = from_prior[index]
-            if pure.any():
-                x_start[pure] = torch.randn(x_start[pure].shape, generator=generator)
-            run = self._ddim if sampler == "ddim" else self._ddpm
-            result = run(x_start.to(self.device), t.to(self.device), steps=steps, generator=step_generator)
+            x_start[pure] = start_noise[pure]
+            if sampler == "ddim":
+                plan = plan_ddim(t, steps=steps, alphas_cumprod=self.alphas_cumprod)
+            else:
+                plan = plan_ddpm(t, alphas_cumprod=self.alphas_cumprod)
+            # The reverse process draws its noise where it runs, so DDPM steps on CUDA need no host round trip.
+            generator = torch.Generator(device=self.device).manual_seed(int(seeds[index[0]]))
+            result = self.reverse_process.run(x_start, plan, generator=generator, batch_size=batch_size)
             outputs.append((index, result.float().cpu()))
             bar(len(index))
         bar(None)
@@ -315,12 +329,8 @@ class DiffusionPrior:
         for index, result in outputs:
             clean[index] = result
         images = restore_from_prior(((clean + 1.0) / 2.0).clamp(0.0, 1.0), adaptation)
-        notes = []
-        if from_prior.any():
-            notes.append(
-                f"{int(from_prior.sum())} of {count} images had noise above the prior's sigma_T "
-                f"({float(self.sigmas[-1]) / 2:.3g} in pixel units): they are samples of the prior"
-            )
+        fallbacks = list(self.reverse_process.fallbacks)
+        notes = fallbacks + ([self.prior_sample_note(int(from_prior.sum()), count)] if from_prior.any() else [])
         return ReconstructionOutput(
             images=images,
             t_start=t_start,
@@ -329,8 +339,15 @@ class DiffusionPrior:
             adaptation=adaptation,
             sampler=sampler,
             steps=steps if sampler == "ddim" else int(t_start.max()) + 1,
+            fast_path=self.reverse_process.describe(),
+            fallbacks=fallbacks,
             notes=notes,
         )
+
+    def prior_sample_note(self, count: int, total: int) -> str:
+        """The note for ``count`` of ``total`` images whose noise was above ``sigma_T``."""
+        return (f"{count} of {total} images had noise above the prior's sigma_T "
+                f"({float(self.sigmas[-1]) / 2:.3g} in pixel units): they are samples of the prior")
 
     @torch.no_grad()
     def sample(self, count: int, *, sampler: str = "ddim", steps: int = 50, seed: int | None = 0) -> torch.Tensor:
@@ -340,79 +357,6 @@ class DiffusionPrior:
         # An infinite noise level makes every chain start from pure noise: exactly unconditional sampling.
         output = self.reconstruct(torch.zeros(shape), infinite.clamp(max=1e6), sampler=sampler, steps=steps, seed=seed)
         return output.images
-
-    # ------------------------------------------------------------------ reverse processes
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _predict_x0_eps(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model call and conversion to (x_0, eps) predictions, in float32."""
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            out = self.unet(x, t).sample
-        out = out.float()
-        if self._learned_variance:
-            out = out[:, : self.channels]
-        abar = self._abar[t].float().view(-1, 1, 1, 1)
-        a, b = abar.sqrt(), (1.0 - abar).sqrt()
-        if self.prediction_type == "epsilon":
-            eps = out
-            x0 = (x - b * eps) / a
-        elif self.prediction_type == "v_prediction":
-            x0 = a * x - b * out
-            eps = a * out + b * x
-        else:
-            x0 = out
-            eps = (x - a * x0) / b
-        if self.clip_sample:
-            x0 = x0.clamp(-1.0, 1.0)
-            # Keep eps consistent with the clipped x_0, as DDIM's update needs both to describe x_t.
-            eps = (x - a * x0) / b
-        return x0, eps
-
-    def _ddim(self, x: torch.Tensor, t_start: torch.Tensor, *, steps: int, generator: torch.Generator) -> torch.Tensor:
-        abar_all = self._abar.float()
-        t_host = t_start.cpu()  # step decisions on the host: no device sync inside the loop
-        for j in range(steps):
-            # Per image: t_j = floor(t* (steps - j) / steps), the last jump goes to abar = 1 (a clean image).
-            if 0 < j < steps - 1:
-                # Images whose t* < steps repeat timesteps; skip the model call when nothing in the batch moves.
-                now = torch.div(t_host * (steps - j), steps, rounding_mode="floor")
-                before = torch.div(t_host * (steps - j + 1), steps, rounding_mode="floor")
-                if bool((now == before).all()):
-                    continue
-            t = torch.div(t_start * (steps - j), steps, rounding_mode="floor")
-            t_next = torch.div(t_start * (steps - j - 1), steps, rounding_mode="floor")
-            x0, eps = self._predict_x0_eps(x, t)
-            if j == steps - 1:
-                return x0
-            abar_next = abar_all[t_next].view(-1, 1, 1, 1)
-            x = abar_next.sqrt() * x0 + (1.0 - abar_next).sqrt() * eps
-        return x
-
-    def _ddpm(self, x: torch.Tensor, t_start: torch.Tensor, *, steps: int, generator: torch.Generator) -> torch.Tensor:
-        abar_all = self._abar.float()
-        abar_prev_all = torch.cat([abar_all.new_ones(1), abar_all[:-1]])
-        alphas = abar_all / abar_prev_all
-        t = t_start.clone()
-        t_host = t_start.cpu()  # step decisions on the host: no device sync inside the loop
-        for current in range(int(t_host.max()), -1, -1):
-            n = int((t_host >= current).sum())  # images sorted by t*: the active ones form a prefix
-            xa, ta = x[:n], t[:n]
-            x0, _ = self._predict_x0_eps(xa, ta)
-            abar, abar_prev, alpha = abar_all[ta], abar_prev_all[ta], alphas[ta]
-            coef_x0 = (abar_prev.sqrt() * (1 - alpha) / (1 - abar)).view(-1, 1, 1, 1)
-            coef_xt = (alpha.sqrt() * (1 - abar_prev) / (1 - abar)).view(-1, 1, 1, 1)
-            mean = coef_x0 * x0 + coef_xt * xa
-            variance = ((1 - abar_prev) / (1 - abar) * (1 - alpha)).clamp(min=1e-20).view(-1, 1, 1, 1)
-            noise = torch.randn(xa.shape, generator=generator, device=self.device)
-            nonzero = (ta > 0).float().view(-1, 1, 1, 1)
-            x = torch.cat([mean + nonzero * variance.sqrt() * noise, x[n:]])
-            t = torch.cat([ta - 1, t[n:]])
-        return x
 
 
 def _config_get(config, key: str, default):
@@ -452,6 +396,30 @@ def _quiet_diffusers():
             yield
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def image_seeds(seed: int | Sequence[int] | torch.Tensor | None, count: int) -> torch.Tensor:
+    """One seed per image: ``seed`` mixed with the image's index, or the given per-image seeds (checked)."""
+    if seed is None:
+        seed = 0
+    if isinstance(seed, int):
+        # A fixed odd multiplier spreads (seed, index) pairs apart; Generator.manual_seed takes any 64-bit value.
+        return (torch.arange(count, dtype=torch.int64) + (int(seed) * 0x9E3779B1) % 2**62) & (2**63 - 1)
+    seeds = torch.as_tensor(seed, dtype=torch.int64).reshape(-1)
+    if seeds.numel() != count:
+        raise ValueError(f"got {seeds.numel()} seeds for {count} images")
+    return seeds
+
+
+def _per_image_noise(seeds: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two standard normal draws of ``shape`` per image (padding noise, pure-noise start) from its own seed."""
+    generator = torch.Generator()
+    draws = []
+    for value in seeds.tolist():
+        generator.manual_seed(value)
+        draws.append(torch.randn((2, *shape), generator=generator))
+    stacked = torch.stack(draws) if draws else torch.zeros((0, 2, *shape))
+    return stacked[:, 0], stacked[:, 1]
 
 
 def _pad_mask(size: tuple[int, int], padding: tuple[int, int, int, int]) -> torch.Tensor:

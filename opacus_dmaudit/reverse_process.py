@@ -1,0 +1,398 @@
+"""The reverse process from per-image start timesteps: planned on the host, run as one fused step per timestep.
+
+Every sampler step, DDIM or DDPM, is the same computation on each image ``i``::
+
+    out   = unet(x, t)                              # eps, v or x_0 prediction
+    x0    = clip((x - b_i eps) / a_i)               # a = sqrt(abar_t), b = sqrt(1 - abar_t)
+    eps   = (x - a_i x0) / b_i                      # consistent with the clipped x_0
+    x_new = A_i x0 + B_i eps + C_i x + D_i noise
+
+DDIM (eta = 0) uses ``A = sqrt(abar_next), B = sqrt(1 - abar_next)``; DDPM's posterior mean uses ``A, C`` and its
+std ``D``; an image that is not moving at this step has ``A = B = D = 0, C = 1``. So the host computes one small
+``steps × N × 6`` coefficient table per batch (:func:`plan_ddim`, :func:`plan_ddpm`), uploads it once, and the
+device runs one fixed-shape step per timestep with no host round trip. That makes the step a single function to
+``torch.compile`` (the scheduler update fuses into the UNet's last kernels) and to capture as a CUDA graph.
+
+:class:`ReverseProcess` runs the plan eagerly (the CPU default: images whose chain has not started yet are
+sliced off, so no compute is wasted), or compiled, or compiled and replayed as CUDA graphs (the CUDA default: batch
+sizes are padded to a few buckets so the shapes stay fixed). A compiled step that fails to build, or whose first
+output disagrees with the eager step, falls back to eager with a warning: speed options never cost correctness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+
+__all__ = ["FastPathConfig", "ReversePlan", "ReverseStep", "ReverseProcess", "plan_ddim", "plan_ddpm",
+           "bucket_size"]
+
+logger = logging.getLogger(__name__)
+
+# Columns of the coefficient table.
+_A_T, _B_T, _X0, _EPS, _X, _NOISE = range(6)
+
+
+@dataclass(frozen=True)
+class FastPathConfig:
+    """How the reverse process runs; ``None`` resolves per device (:meth:`resolve`).
+
+    Attributes:
+        precision: "bf16" (autocast of the UNet; the update stays fp32) or "fp32". Default: bf16 on CUDA.
+        channels_last: NHWC layout for the UNet's convolutions. Default: on CUDA.
+        compile: ``torch.compile`` the step (UNet and scheduler update together). Default: on CUDA. Falls back
+            to eager, with a warning, when compiling fails or disagrees with eager.
+        cuda_graphs: replay each fixed-shape step as a CUDA graph (needs CUDA). Default: on CUDA.
+        compile_mode: ``torch.compile``'s mode ("default", "max-autotune-no-cudagraphs", ...); CUDA graphs are
+            ours, so modes that add their own ("reduce-overhead", "max-autotune") are refused.
+        min_bucket: smallest padded batch of the compiled path; batches are padded to powers of two from here up
+            to the batch size, so at most a handful of shapes are ever compiled.
+    """
+
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    compile_mode: str = "default"
+    min_bucket: int = 8
+
+    def __post_init__(self) -> None:
+        if self.precision not in (None, "bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"compile_mode {self.compile_mode!r} adds torch's own CUDA graphs; use 'default' or "
+                             "'max-autotune-no-cudagraphs' (cuda_graphs=True gives the graphs)")
+        if self.min_bucket < 1:
+            raise ValueError(f"min_bucket must be positive, got {self.min_bucket}")
+
+    def resolve(self, device: torch.device) -> "FastPathConfig":
+        """Fill the ``None`` fields for ``device``; CUDA graphs are off wherever CUDA is not."""
+        cuda = device.type == "cuda"
+        if self.cuda_graphs and not cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, the prior runs on {device}")
+        return replace(
+            self,
+            precision=self.precision or ("bf16" if cuda else "fp32"),
+            channels_last=cuda if self.channels_last is None else self.channels_last,
+            compile=cuda if self.compile is None else self.compile,
+            cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs,
+        )
+
+    @classmethod
+    def eager(cls, *, precision: str = "fp32") -> "FastPathConfig":
+        """No speed options at all: the reference against which the others are checked."""
+        return cls(precision=precision, channels_last=False, compile=False, cuda_graphs=False)
+
+
+@dataclass
+class ReversePlan:
+    """The reverse chain of one batch, computed on the host.
+
+    Attributes:
+        timesteps: ``S×N`` UNet timesteps per step and image.
+        coefficients: ``S×N×6`` float32 (a, b, A, B, C, D of the module docstring).
+        active: per step, how many leading images move (images sorted by descending ``t*``); the eager runner
+            computes only those.
+        stochastic: whether any step adds noise (DDPM).
+    """
+
+    timesteps: torch.Tensor
+    coefficients: torch.Tensor
+    active: list[int]
+    stochastic: bool
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.active)
+
+    @property
+    def batch(self) -> int:
+        return int(self.timesteps.shape[1])
+
+    def padded(self, size: int) -> "ReversePlan":
+        """The plan for ``size ≥ N`` images: the extra rows sit still (C = 1) at t = 0."""
+        extra = size - self.batch
+        if extra <= 0:
+            return self
+        steps = self.num_steps
+        still = self.coefficients.new_zeros(steps, extra, 6)
+        still[..., _A_T] = 1.0
+        still[..., _B_T] = 1.0
+        still[..., _X] = 1.0
+        return ReversePlan(
+            timesteps=torch.cat([self.timesteps, self.timesteps.new_zeros(steps, extra)], dim=1),
+            coefficients=torch.cat([self.coefficients, still], dim=1),
+            active=list(self.active),
+            stochastic=self.stochastic,
+        )
+
+
+def _model_coefficients(abar: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    at = abar[t]
+    return at.sqrt(), (1.0 - at).sqrt()
+
+
+def plan_ddim(t_start: torch.Tensor, *, steps: int, alphas_cumprod: torch.Tensor) -> ReversePlan:
+    """Deterministic DDIM (eta = 0) from each image's ``t*``: ``t_j = floor(t* (steps - j) / steps)``.
+
+    The last step jumps to ``abar = 1`` (a clean image). Steps at which no image of the batch moves (``t* <
+    steps`` repeats timesteps) are dropped.
+    """
+    abar = alphas_cumprod.to(torch.float64).cpu()
+    t_start = t_start.cpu().long()
+    timesteps, rows = [], []
+    for j in range(steps):
+        t = torch.div(t_start * (steps - j), steps, rounding_mode="floor")
+        if 0 < j < steps - 1:
+            before = torch.div(t_start * (steps - j + 1), steps, rounding_mode="floor")
+            if bool((t == before).all()):
+                continue
+        a, b = _model_coefficients(abar, t)
+        if j == steps - 1:
+            abar_next = torch.ones_like(a)
+        else:
+            abar_next = abar[torch.div(t_start * (steps - j - 1), steps, rounding_mode="floor")]
+        zero = torch.zeros_like(a)
+        rows.append(torch.stack([a, b, abar_next.sqrt(), (1.0 - abar_next).sqrt(), zero, zero], dim=1))
+        timesteps.append(t)
+    count = t_start.numel()
+    return ReversePlan(timesteps=torch.stack(timesteps), coefficients=torch.stack(rows).float(),
+                       active=[count] * len(rows), stochastic=False)
+
+
+def plan_ddpm(t_start: torch.Tensor, *, alphas_cumprod: torch.Tensor) -> ReversePlan:
+    """Ancestral DDPM steps, each image from its own ``t*`` down to 0 (Ho et al. 2020, posterior q(x_{t-1}|x_t, x_0)).
+
+    Images must be sorted by descending ``t*``: the ones already moving then form a prefix (``active``).
+    """
+    abar = alphas_cumprod.to(torch.float64).cpu()
+    t_start = t_start.cpu().long()
+    if bool((t_start[1:] > t_start[:-1]).any()):
+        raise ValueError("plan_ddpm needs images sorted by descending t*")
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    alpha = abar / abar_prev
+    timesteps, rows, active = [], [], []
+    for current in range(int(t_start.max()), -1, -1):
+        moving = t_start >= current
+        t = torch.where(moving, torch.full_like(t_start, current), torch.zeros_like(t_start))
+        a, b = _model_coefficients(abar, t)
+        ab, ap, al = abar[current], abar_prev[current], alpha[current]
+        coef_x0 = ap.sqrt() * (1 - al) / (1 - ab)
+        coef_xt = al.sqrt() * (1 - ap) / (1 - ab)
+        std = ((1 - ap) / (1 - ab) * (1 - al)).clamp(min=1e-20).sqrt() if current > 0 else ab.new_tensor(0.0)
+        row = torch.zeros(t_start.numel(), 6, dtype=torch.float64)
+        row[:, _A_T], row[:, _B_T] = a, b
+        row[:, _X0] = torch.where(moving, coef_x0, 0.0)
+        row[:, _X] = torch.where(moving, coef_xt, 1.0)
+        row[:, _NOISE] = torch.where(moving, std, 0.0)
+        rows.append(row)
+        timesteps.append(t)
+        active.append(int(moving.sum()))
+    return ReversePlan(timesteps=torch.stack(timesteps), coefficients=torch.stack(rows).float(), active=active,
+                       stochastic=True)
+
+
+class ReverseStep(nn.Module):
+    """One reverse step of every image: the UNet call and the scheduler update (module docstring).
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` or any module called as ``unet(x, t).sample``.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+        clip_sample: clamp the predicted ``x_0`` to ``[-1, 1]``.
+        channels: image channels (a learned-variance UNet returns twice as many; the rest is dropped).
+        precision: "bf16" autocasts the UNet on the input's device; the update always runs in fp32.
+    """
+
+    def __init__(self, unet: nn.Module, *, prediction_type: str, clip_sample: bool, channels: int,
+                 precision: str) -> None:
+        super().__init__()
+        self.unet = unet
+        self.prediction_type = prediction_type
+        self.clip_sample = clip_sample
+        self.channels = channels
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, coefficients: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.unet(x, t).sample
+        out = out[:, : self.channels].float()
+        a, b, to_x0, to_eps, to_x, to_noise = (c.view(-1, 1, 1, 1) for c in coefficients.unbind(1))
+        if self.prediction_type == "epsilon":
+            x0 = (x - b * out) / a
+            eps = out
+        elif self.prediction_type == "v_prediction":
+            x0 = a * x - b * out
+            eps = a * out + b * x
+        else:
+            x0 = out
+            eps = (x - a * x0) / b
+        if self.clip_sample:
+            x0 = x0.clamp(-1.0, 1.0)
+            # Keep eps consistent with the clipped x_0: DDIM's update needs both to describe x_t.
+            eps = (x - a * x0) / b
+        return to_x0 * x0 + to_eps * eps + to_x * x + to_noise * noise
+
+
+def bucket_size(count: int, *, batch_size: int, min_bucket: int) -> int:
+    """The padded batch a fixed-shape runner uses for ``count`` images: a power of two, at most ``batch_size``."""
+    if count >= batch_size:
+        return batch_size
+    return min(batch_size, max(min_bucket, 1 << math.ceil(math.log2(max(count, 1)))))
+
+
+class _GraphedStep:
+    """A captured CUDA graph of one step on static buffers; replays write the new ``x`` into ``self.x``."""
+
+    def __init__(self, step, x: torch.Tensor, t: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor):
+        self.x, self.t, self.coefficients, self.noise = x.clone(), t.clone(), coefficients.clone(), noise.clone()
+        # Warm-up on a side stream (lazy initialisation, cuDNN autotuning) must precede capture.
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step(self.x.clone(), self.t, self.coefficients, self.noise)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.x.copy_(step(self.x, self.t, self.coefficients, self.noise))
+
+    def __call__(self, t: torch.Tensor, coefficients: torch.Tensor) -> None:
+        self.t.copy_(t, non_blocking=True)
+        self.coefficients.copy_(coefficients, non_blocking=True)
+        self.graph.replay()
+
+
+class ReverseProcess:
+    """Runs :class:`ReversePlan` s with a UNet, eagerly or through the fast path of :class:`FastPathConfig`.
+
+    Args:
+        unet: the denoiser (already on ``device``, in eval mode, without gradients).
+        prediction_type / clip_sample / channels: as :class:`ReverseStep`.
+        device: where the UNet runs.
+        config: the speed options; ``None`` fields are resolved for ``device``.
+    """
+
+    def __init__(self, unet: nn.Module, *, prediction_type: str, clip_sample: bool, channels: int,
+                 device: torch.device, config: FastPathConfig | None = None) -> None:
+        self.device = torch.device(device)
+        self.config = (config or FastPathConfig()).resolve(self.device)
+        if self.config.channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        self.step = ReverseStep(unet, prediction_type=prediction_type, clip_sample=clip_sample, channels=channels,
+                                precision=self.config.precision)
+        self._compiled = None
+        self._graphs: dict[tuple, _GraphedStep] = {}
+        self._checked: set[tuple] = set()
+        self.fallbacks: list[str] = []
+        """Why a speed option was switched off (empty while every configured option runs)."""
+
+    @property
+    def fast(self) -> bool:
+        """Whether steps run compiled (padded fixed shapes) rather than eagerly."""
+        return bool(self.config.compile or self.config.cuda_graphs)
+
+    def describe(self) -> str:
+        """The options in effect, e.g. ``"bf16 + channels_last + compile + cuda_graphs"``."""
+        parts = [self.config.precision]
+        parts += [name for name in ("channels_last", "compile", "cuda_graphs") if getattr(self.config, name)]
+        return " + ".join(parts)
+
+    def _fall_back(self, option: str, reason: str) -> None:
+        message = f"opacus_dmaudit: {option} switched off ({reason}); the reverse process runs without it"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self.fallbacks.append(message)
+        self.config = replace(self.config, **{option: False})
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ running a plan
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, plan: ReversePlan, *, generator: torch.Generator | None,
+            batch_size: int) -> torch.Tensor:
+        """Run ``plan`` from ``x`` (``N×C×H×W`` on the model's scale) and return the final images (fp32)."""
+        if plan.batch != x.shape[0]:
+            raise ValueError(f"plan for {plan.batch} images, got {x.shape[0]}")
+        x = x.to(self.device, torch.float32)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        while self.fast:
+            size = bucket_size(x.shape[0], batch_size=batch_size, min_bucket=self.config.min_bucket)
+            try:
+                return self._run_fixed(x, plan.padded(size), generator=generator)[: plan.batch]
+            except Exception as exc:  # compile, capture or Triton errors: never worse than eager
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                # Compiling is the likelier culprit; CUDA graphs of the eager step are tried before giving up.
+                self._fall_back("compile" if self.config.compile else "cuda_graphs", reason)
+        return self._run_eager(x, plan, generator=generator)
+
+    def _run_eager(self, x: torch.Tensor, plan: ReversePlan, *, generator) -> torch.Tensor:
+        timesteps = plan.timesteps.to(self.device)
+        coefficients = plan.coefficients.to(self.device)
+        zeros = torch.zeros_like(x)
+        x = x.clone()
+        for j, n in enumerate(plan.active):
+            xa = x[:n]
+            noise = torch.randn(xa.shape, generator=generator, device=self.device) if plan.stochastic else zeros[:n]
+            x[:n] = self.step(xa, timesteps[j, :n], coefficients[j, :n], noise)
+        return x
+
+    def _run_fixed(self, x: torch.Tensor, plan: ReversePlan, *, generator) -> torch.Tensor:
+        size = plan.batch
+        if size > x.shape[0]:
+            pad = x.new_zeros((size - x.shape[0], *x.shape[1:])).contiguous(memory_format=_layout(x))
+            x = torch.cat([x, pad]).contiguous(memory_format=_layout(x))
+        timesteps = plan.timesteps.to(self.device, non_blocking=True)
+        coefficients = plan.coefficients.to(self.device, non_blocking=True)
+        noise = torch.zeros_like(x)
+        step = self._compiled_step()
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._checked:
+            self._check(step, x, timesteps[0], coefficients[0], noise, generator=generator, stochastic=plan.stochastic)
+            self._checked.add(key)
+        if self.config.cuda_graphs:
+            graphed = self._graphs.get(key)
+            if graphed is None:
+                graphed = self._graphs[key] = _GraphedStep(step, x, timesteps[0], coefficients[0], noise)
+            graphed.x.copy_(x)
+            for j in range(plan.num_steps):
+                if plan.stochastic:
+                    graphed.noise.normal_(generator=generator)
+                graphed(timesteps[j], coefficients[j])
+            return graphed.x.clone()
+        for j in range(plan.num_steps):
+            if plan.stochastic:
+                noise.normal_(generator=generator)
+            x = step(x, timesteps[j], coefficients[j], noise)
+        return x
+
+    def _compiled_step(self):
+        if not self.config.compile:
+            return self.step
+        if self._compiled is None:
+            self._compiled = torch.compile(self.step, mode=self.config.compile_mode, dynamic=False)
+        return self._compiled
+
+    def _check(self, step, x, t, coefficients, noise, *, generator, stochastic: bool) -> None:
+        """The first compiled step of each shape must agree with the eager step on the same input."""
+        if step is self.step:
+            return
+        probe = noise if not stochastic else torch.randn(x.shape, generator=generator, device=self.device)
+        fast = step(x, t, coefficients, probe.contiguous(memory_format=_layout(x)))
+        reference = self.step(x, t, coefficients, probe.contiguous(memory_format=_layout(x)))
+        error = float((fast - reference).abs().max())
+        scale = float(reference.abs().max()) + 1.0
+        if not math.isfinite(error) or error > 0.05 * scale:
+            raise RuntimeError(f"the compiled step differs from eager by {error:.3g} (scale {scale:.3g})")
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format

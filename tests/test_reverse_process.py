@@ -1,0 +1,158 @@
+"""The planned reverse process: its updates against diffusers' schedulers, and the fast path against eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.reverse_process import (FastPathConfig, ReverseProcess, ReverseStep, bucket_size, plan_ddim,
+                                            plan_ddpm)
+
+
+def _unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+
+
+def _step(unet) -> ReverseStep:
+    return ReverseStep(unet, prediction_type="epsilon", clip_sample=True, channels=1, precision="fp32")
+
+
+@torch.no_grad()
+def test_ddpm_step_matches_diffusers_scheduler_step():
+    unet, scheduler = _unet(), DDPMScheduler(num_train_timesteps=1000)
+    t_start = torch.tensor([400, 400, 250])
+    plan = plan_ddpm(t_start, alphas_cumprod=scheduler.alphas_cumprod)
+    assert plan.num_steps == 401 and plan.active[0] == 2 and plan.active[-1] == 3
+    x = torch.randn(3, 1, 16, 16)
+    j = 400 - 250  # the step at t = 250, where all three images move
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    ours = _step(unet)(x, plan.timesteps[j], plan.coefficients[j], noise)
+    eps = unet(x, torch.tensor(250)).sample
+    reference = scheduler.step(eps, 250, x, generator=torch.Generator().manual_seed(7)).prev_sample
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_ddpm_plan_keeps_waiting_images_still():
+    unet, scheduler = _unet(), DDPMScheduler(num_train_timesteps=1000)
+    plan = plan_ddpm(torch.tensor([30, 10]), alphas_cumprod=scheduler.alphas_cumprod)
+    x = torch.randn(2, 1, 16, 16)
+    out = _step(unet)(x, plan.timesteps[0], plan.coefficients[0], torch.randn(x.shape))
+    torch.testing.assert_close(out[1], x[1], rtol=0, atol=0)  # t* = 10 has not started at t = 30
+    assert not torch.allclose(out[0], x[0])
+    with pytest.raises(ValueError, match="sorted"):
+        plan_ddpm(torch.tensor([10, 30]), alphas_cumprod=scheduler.alphas_cumprod)
+
+
+@torch.no_grad()
+def test_ddim_step_matches_diffusers_scheduler_step():
+    unet = _unet()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=True, set_alpha_to_one=True)
+    scheduler.set_timesteps(20)  # step ratio 50: from t = 500 diffusers goes to 450, as our plan does
+    plan = plan_ddim(torch.tensor([500, 500]), steps=10, alphas_cumprod=scheduler.alphas_cumprod)
+    assert plan.timesteps[:, 0].tolist() == [500, 450, 400, 350, 300, 250, 200, 150, 100, 50]
+    x = torch.randn(2, 1, 16, 16)
+    ours = _step(unet)(x, plan.timesteps[0], plan.coefficients[0], torch.zeros_like(x))
+    eps = unet(x, torch.tensor(500)).sample
+    reference = scheduler.step(eps, 500, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=1e-4)
+    last = plan.coefficients[-1]
+    assert torch.equal(last[:, 2], torch.ones(2)) and torch.equal(last[:, 3], torch.zeros(2))  # returns x_0
+
+
+def test_ddim_plan_drops_steps_where_nothing_moves():
+    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    plan = plan_ddim(torch.tensor([3, 2]), steps=50, alphas_cumprod=abar)
+    assert plan.num_steps < 10 and plan.timesteps[-1].tolist() == [0, 0]
+
+
+def test_bucket_sizes_are_few_and_cover_the_batch():
+    sizes = {bucket_size(n, batch_size=256, min_bucket=8) for n in range(1, 300)}
+    assert sizes == {8, 16, 32, 64, 128, 256}
+    assert all(bucket_size(n, batch_size=256, min_bucket=8) >= min(n, 256) for n in range(1, 300))
+
+
+def test_fast_path_config_resolves_per_device_and_rejects_bad_options():
+    cpu = FastPathConfig().resolve(torch.device("cpu"))
+    assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == ("fp32", False, False, False)
+    cuda = FastPathConfig().resolve(torch.device("cuda"))
+    assert (cuda.precision, cuda.channels_last, cuda.compile, cuda.cuda_graphs) == ("bf16", True, True, True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        FastPathConfig(cuda_graphs=True).resolve(torch.device("cpu"))
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        FastPathConfig(compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="precision"):
+        FastPathConfig(precision="fp8")
+
+
+def test_ddim_result_does_not_depend_on_batching(tiny_prior_dir, fashion_images):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    noisy = fashion_images[:6] + 0.3 * torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    std = torch.tensor([0.3, 0.3, 0.3, 0.3, 0.3, 1e4])  # padding noise and one pure-noise start, both seeded
+    together = prior.reconstruct(noisy, std, steps=4, seed=5, batch_size=6).images
+    apart = prior.reconstruct(noisy, std, steps=4, seed=5, batch_size=2).images
+    torch.testing.assert_close(together, apart, atol=1e-3, rtol=0)  # conv kernels vary with the batch size
+    seeds = prior.reconstruct(noisy[:2], 0.3, steps=4, seed=[11, 12]).images
+    alone = prior.reconstruct(noisy[1:2], 0.3, steps=4, seed=[12]).images
+    torch.testing.assert_close(seeds[1:], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="2 seeds for 6 images"):
+        prior.reconstruct(noisy, std, steps=4, seed=[1, 2])
+
+
+def test_compiled_step_matches_eager_on_cpu(tiny_prior_dir, fashion_images):
+    """Real torch.compile (inductor's C++ backend here; the same graph capture as on CUDA)."""
+    noisy = fashion_images[:5] + 0.2 * torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    eager = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu").reconstruct(noisy, 0.2, steps=3,
+                                                                                    batch_size=4)
+    compiled = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu",
+                                              fast_path=FastPathConfig(compile=True, min_bucket=4))
+    out = compiled.reconstruct(noisy, 0.2, steps=3, batch_size=4)
+    assert out.fast_path == "fp32 + compile" and out.notes == []
+    torch.testing.assert_close(out.images, eager.images, atol=1e-4, rtol=0)
+
+
+def test_a_compile_failure_falls_back_to_eager_with_a_warning(tiny_prior_dir, fashion_images):
+    noisy = fashion_images[:3]
+    eager = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu").reconstruct(noisy, 0.2, steps=3)
+    broken = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu",
+                                            fast_path=FastPathConfig(compile=True, compile_mode="no-such-mode"))
+    with pytest.warns(RuntimeWarning, match="compile switched off.*no-such-mode"):
+        out = broken.reconstruct(noisy, 0.2, steps=3)
+    assert out.fast_path == "fp32" and "compile switched off" in out.notes[0]
+    torch.testing.assert_close(out.images, eager.images, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_cuda_fast_path_matches_eager_fp32(tiny_prior_dir, fashion_images, sampler):
+    noisy = (fashion_images[:20] + 0.2 * torch.randn(20, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    std = torch.linspace(0.05, 0.3, 20)
+    runs = {}
+    for name, config in {"eager": FastPathConfig.eager(),
+                         "graphs": FastPathConfig(precision="fp32", compile=False, cuda_graphs=True),
+                         "compile+graphs": FastPathConfig(precision="fp32")}.items():
+        prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cuda", fast_path=config)
+        runs[name] = prior.reconstruct(noisy, std, sampler=sampler, steps=5, batch_size=16)
+        assert runs[name].notes == [], runs[name].notes
+    # DDPM's step noise is drawn per padded bucket on the fast path, so only DDIM is compared image by image.
+    if sampler == "ddim":
+        for name in ("graphs", "compile+graphs"):
+            torch.testing.assert_close(runs[name].images, runs["eager"].images, atol=2e-3, rtol=0)
+    else:
+        for name in ("graphs", "compile+graphs"):
+            assert runs[name].images.shape == runs["eager"].images.shape
+            assert abs(float(runs[name].images.mean() - runs["eager"].images.mean())) < 0.05
+
+
+def test_reverse_process_rejects_a_plan_of_another_batch():
+    unet = _unet()
+    process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
+                             device=torch.device("cpu"))
+    plan = plan_ddim(torch.tensor([10, 10]), steps=2, alphas_cumprod=DDPMScheduler().alphas_cumprod)
+    with pytest.raises(ValueError, match="plan for 2 images"):
+        process.run(torch.zeros(3, 1, 16, 16), plan, generator=None, batch_size=4)
