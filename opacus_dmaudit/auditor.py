@@ -15,7 +15,9 @@ Two modes:
 
 Everything after the copy (shadow step, recovery, reconstruction, metrics, logging) runs on a background thread
 with a bounded queue. A full queue drops an audit instead of blocking training; an exception in an audit is
-logged and never reaches the training loop.
+logged and never reaches the training loop. Audits that queued up while the worker was busy share one pass of the
+prior (``batch_audits``): a few dozen recovered images per audit leave a GPU mostly idle, a few hundred do not.
+Each image keeps its own seed, so a DDIM reconstruction does not depend on which audits shared its pass.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
-from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
 from opacus_dmaudit.recovery import SCALES, recover_images
 from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
 from opacus_dmaudit.report import AuditLogWriter
@@ -70,6 +72,7 @@ class AuditRecord:
     reconstructed: dict[str, float | None]
     success: dict[str, float]
     seconds: float
+    audits_in_pass: int = 1
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -92,6 +95,19 @@ class _Job:
     max_grad_norm: float
     expected_batch_size: int
     loss_reduction: str
+
+
+@dataclass
+class _Recovered:
+    """An audit between recovery and reconstruction."""
+
+    job: _Job
+    base: dict[str, Any]
+    notes: list[str]
+    noisy: torch.Tensor
+    noise_std: torch.Tensor
+    originals: torch.Tensor
+    started: float
 
 
 class DMAuditor:
@@ -120,6 +136,7 @@ class DMAuditor:
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
         calibration_images: model inputs to calibrate the bins on (default: the training data).
         queue_size: audits waiting for the worker before further ones are dropped.
+        batch_audits: at most this many waiting audits share one pass of the prior (1: one pass per audit).
         seed: seed of the auditor's own generators.
         on_error: "continue" or "stop" auditing after an exception in an audit.
         on_audit: called with each :class:`AuditRecord` (on the worker thread).
@@ -151,6 +168,7 @@ class DMAuditor:
         input_std: Sequence[float] | float | None = None,
         calibration_images: torch.Tensor | None = None,
         queue_size: int = 2,
+        batch_audits: int = 8,
         seed: int = 0,
         on_error: str = "continue",
         on_audit: Callable[[AuditRecord], None] | None = None,
@@ -166,7 +184,7 @@ class DMAuditor:
         if on_error not in ("continue", "stop"):
             raise ValueError(f"on_error must be 'continue' or 'stop', got {on_error!r}")
         for name, value in (("every", every), ("bins", bins), ("steps", steps), ("max_images", max_images),
-                            ("queue_size", queue_size)):
+                            ("queue_size", queue_size), ("batch_audits", batch_audits)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {value}")
         if not 0 < delta < 1:
@@ -179,6 +197,7 @@ class DMAuditor:
         self.input_mean, self.input_std = input_mean, input_std
         self.calibration_images = calibration_images
         self.on_error, self.on_audit = on_error, on_audit
+        self.batch_audits = int(batch_audits)
         self.log_originals = log_originals
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
         self.active = not (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -383,28 +402,41 @@ class DMAuditor:
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            jobs = [self._queue.get()]
+            # Audits that queued up while the last pass ran share the next pass of the prior.
+            while jobs[-1] is not None and len(jobs) < self.batch_audits:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if job is None:
-                    return
-                if self._stopped:
-                    continue
-                if self._stream is not None:
-                    with torch.cuda.stream(self._stream):
-                        record = self._audit(job)
-                else:
-                    record = self._audit(job)
-                self.records.append(record)
-                if self.on_audit is not None:
-                    self.on_audit(record)
-            except Exception:  # an audit must never take training down
-                self.errors += 1
-                logger.exception("opacus_dmaudit: audit failed%s",
-                                 "; auditing stopped" if self.on_error == "stop" else "")
-                if self.on_error == "stop":
-                    self._stopped = True
+                audits = [job for job in jobs if job is not None]
+                if audits and not self._stopped:
+                    if self._stream is not None:
+                        with torch.cuda.stream(self._stream):
+                            self._audit(audits)
+                    else:
+                        self._audit(audits)
             finally:
-                self._queue.task_done()
+                for _ in jobs:
+                    self._queue.task_done()
+            if jobs[-1] is None:
+                return
+
+    def _failed(self, count: int = 1) -> None:
+        """Count and log an audit's exception (called inside ``except``): an audit never takes training down."""
+        self.errors += count
+        logger.exception("opacus_dmaudit: audit failed%s", "; auditing stopped" if self.on_error == "stop" else "")
+        if self.on_error == "stop":
+            self._stopped = True
+
+    def _done(self, record: AuditRecord) -> None:
+        self.records.append(record)
+        if self.on_audit is not None:
+            try:
+                self.on_audit(record)
+            except Exception:
+                self._failed()
 
     def _shadow_step(self, job: _Job) -> tuple[CapturedGradients, ImprintBlock]:
         """One DP-SGD step of the auditor's own imprint model on the batch, through Opacus."""
@@ -421,7 +453,43 @@ class DMAuditor:
                                      max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size)
         return captured, self._shadow.block
 
-    def _audit(self, job: _Job) -> AuditRecord:
+    def _audit(self, jobs: list[_Job]) -> None:
+        """Recover each audit's images, reconstruct all of them in one pass of the prior, then score and log each."""
+        recovered: list[_Recovered] = []
+        for job in jobs:
+            if self._stopped:
+                return
+            try:
+                item = self._recover(job)
+            except Exception:
+                self._failed()
+                continue
+            if isinstance(item, AuditRecord):
+                self._done(item)
+            else:
+                recovered.append(item)
+        if not recovered or self._stopped:
+            return
+        try:
+            # Each image keeps the seed it would have in an audit of its own: batching changes no DDIM result.
+            seeds = torch.cat([image_seeds(self.seed + item.job.step, len(item.noisy)) for item in recovered])
+            output = self.prior.reconstruct(torch.cat([item.noisy for item in recovered]),
+                                            torch.cat([item.noise_std for item in recovered]),
+                                            sampler=self.sampler, steps=self.steps, seed=seeds)
+        except Exception:
+            self._failed(len(recovered))
+            return
+        begin = 0
+        for item in recovered:
+            part = slice(begin, begin + len(item.noisy))
+            begin = part.stop
+            try:
+                self._done(self._score(item, output, part, audits_in_pass=len(recovered)))
+            except Exception:
+                self._failed()
+
+    def _recover(self, job: _Job) -> _Recovered | AuditRecord:
+        """The attack up to the noisy images: the shadow step or the captured gradients, then recovery."""
         started = time.perf_counter()
         notes: list[str] = []
         base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=int(job.batch.shape[0]),
@@ -458,21 +526,28 @@ class DMAuditor:
         if self.input_mean is not None or self.input_std is not None:
             originals = denormalize(originals, mean=0.0 if self.input_mean is None else self.input_mean,
                                     std=1.0 if self.input_std is None else self.input_std)
-        originals = originals.clamp(0, 1)
-        output = self.prior.reconstruct(noisy, noise_std, sampler=self.sampler, steps=self.steps,
-                                        seed=self.seed + job.step)
-        notes += output.notes
+        return _Recovered(job=job, base=base, notes=notes, noisy=noisy,
+                          noise_std=torch.as_tensor(noise_std, dtype=torch.float64).reshape(-1).expand(len(noisy)),
+                          originals=originals.clamp(0, 1), started=started)
+
+    def _score(self, item: _Recovered, output: ReconstructionOutput, part: slice, *,
+               audits_in_pass: int) -> AuditRecord:
+        """Metrics, the record and the logs of one audit from its share of the prior's pass."""
+        images, noisy, originals = output.images[part], item.noisy, item.originals
+        from_prior = output.from_prior[part]
+        notes = item.notes + output.fallbacks
+        if from_prior.any():
+            notes.append(self.prior.prior_sample_note(int(from_prior.sum()), len(noisy)))
         noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)
-        recon_values = self.image_metrics(output.images, originals)
-        success = success_rates(recon_values)
+        recon_values = self.image_metrics(images, originals)
         record = AuditRecord(
-            recovered=len(noisy), noise_std_median=float(noise_std.median()),
-            t_start_median=float(output.t_start.double().median()), from_prior=int(output.from_prior.sum()),
-            noisy=summarize(noisy_values), reconstructed=summarize(recon_values), success=success,
-            seconds=time.perf_counter() - started, notes=notes, **base,
+            recovered=len(noisy), noise_std_median=float(item.noise_std.median()),
+            t_start_median=float(output.t_start[part].double().median()), from_prior=int(from_prior.sum()),
+            noisy=summarize(noisy_values), reconstructed=summarize(recon_values), success=success_rates(recon_values),
+            seconds=time.perf_counter() - item.started, audits_in_pass=audits_in_pass, notes=notes, **item.base,
         )
         n = self.max_images
-        rows = [noisy[:n].clamp(0, 1), output.images[:n]]
+        rows = [noisy[:n].clamp(0, 1), images[:n]]
         if self.log_originals:
             rows.insert(0, originals[:n])
         self._log(record, rows=rows)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 import warnings
 
 import pytest
@@ -22,7 +23,7 @@ def tiny_cnn():
 
 
 def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson=False, physical=None,
-          clipping="flat", seed=0):
+          clipping="flat", seed=0, on_auditor=None):
     """A plain Opacus training loop; returns the engine, the auditor (or None) and the trained weights."""
     torch.manual_seed(seed)
     labels = torch.randint(0, 10, (images.shape[0],))
@@ -31,6 +32,8 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch)
     engine = PrivacyEngine(accountant="rdp")
     auditor = DMAuditor(engine, **auditor_kwargs) if auditor_kwargs is not None else None
+    if on_auditor is not None:
+        on_auditor(auditor)
     max_grad_norm = 1.0 if clipping == "flat" else [1.0] * 4
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=sigma, max_grad_norm=max_grad_norm,
@@ -132,6 +135,32 @@ def test_audit_errors_never_reach_training(tmp_path, fashion_images, tiny_prior_
         _, auditor, weights = train(fashion_images, auditor_kwargs=kwargs)
     assert auditor.errors == 4 and not auditor.records and "audit failed" in caplog.text
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_waiting_audits_share_a_pass_of_the_prior_without_changing_results(tmp_path, fashion_images,
+                                                                           tiny_prior_dir):
+    def hold_first_audit(record):
+        # Keep the worker busy until the three later audits are queued: they must then share one pass.
+        deadline = time.monotonic() + 120
+        while record.step == 5 and auditors[-1]._queue.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    auditors: list[DMAuditor] = []
+    records = {}
+    for batch_audits in (1, 8):
+        kwargs = audit_kwargs(tmp_path / str(batch_audits), tiny_prior_dir, batch_audits=batch_audits,
+                              on_audit=hold_first_audit)
+        _, auditor, _ = train(fashion_images, auditor_kwargs=kwargs, on_auditor=auditors.append)
+        assert auditor.errors == 0 and [r.step for r in auditor.records] == [5, 10, 15, 20]
+        records[batch_audits] = auditor.records
+    assert [r.audits_in_pass for r in records[1]] == [1, 1, 1, 1]
+    assert [r.audits_in_pass for r in records[8]] == [1, 3, 3, 3]
+    for alone, shared in zip(records[1], records[8]):
+        assert shared.recovered == alone.recovered > 0
+        for name in ("psnr", "ssim"):
+            assert shared.reconstructed[name] == pytest.approx(alone.reconstructed[name], abs=1e-3)
+    with pytest.raises(ValueError, match="batch_audits"):
+        DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", batch_audits=0)
 
 
 def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_prior_dir):
