@@ -1,130 +1,141 @@
-"""Reconstruction throughput: the naive diffusers loop against DiffusionPrior.reconstruct, measured in one run.
+"""Reconstruction throughput: the naive diffusers loop against each speed option of the reverse process, one run.
 
-Naive: UNet2DModel in fp32, eager, ``scheduler.step`` per step (what a first implementation does).
-Ours: ``DiffusionPrior.reconstruct`` (bf16 autocast and channels_last on CUDA, vectorised per-image timesteps),
-timed end to end including host-side adaptation.
+Naive: ``UNet2DModel`` in fp32 (TF32 off), eager, ``DDPMScheduler.step`` per step: what a first implementation does
+when it asks for fp32. ``naive + TF32`` is the same loop with PyTorch's default TF32 convolutions (CUDA only).
+Ours: ``DiffusionPrior.reconstruct`` with one :class:`FastPathConfig` per row, timed end to end (host adaptation,
+planning and transfers included) after a warm-up call that compiles and captures the batch's shape.
 
-Random weights suffice for speed. Prints a table and writes JSON (device named) with ``speedup_vs_naive``.
+Figures per row: image-steps per second (UNet evaluations of one image), achieved TFLOP/s (FlopCounterMode's count
+of one UNet call, multiply-add = 2), the percentage of the data-sheet dense bf16 peak and of a bf16 matmul measured
+in the same run, and ``speedup_vs_naive``. Random weights suffice for speed.
 
-    python benchmarks/reconstruction_throughput.py --arch cifar10-32 --batch 256 --json out.json
+    python benchmarks/reconstruction_throughput.py --arch cifar10-32 --batch 256 --steps 50 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
-from datetime import datetime, timezone
+import warnings
 
 import torch
+from bench_common import quiet_diffusers, (ARCHS, build_arch, device_name, flops_per_image_step, header, measured_matmul_tflops,
+                          spec_peak_tflops, timed, write_json)
 
 from opacus_dmaudit.prior import DiffusionPrior
-from opacus_dmaudit.training import build_unet
+from opacus_dmaudit.reverse_process import FastPathConfig
 
-ARCHS = {
-    # name: (model size, resolution, channels)
-    "fashion-32": ("small", 32, 1),
-    "cifar10-32": ("base", 32, 3),
+VARIANTS = {
+    "fp32 eager": FastPathConfig.eager(),
+    "fp32 + compile": FastPathConfig(precision="fp32", channels_last=False, compile=True, cuda_graphs=False),
+    "bf16 + channels_last": FastPathConfig(precision="bf16", channels_last=True, compile=False, cuda_graphs=False),
+    "bf16 + channels_last + compile": FastPathConfig(precision="bf16", channels_last=True, compile=True,
+                                                     cuda_graphs=False),
+    "bf16 + channels_last + compile + cuda_graphs (default)": FastPathConfig(),
+    "bf16 + channels_last + compile(max-autotune) + cuda_graphs": FastPathConfig(
+        compile_mode="max-autotune-no-cudagraphs"),
 }
+CPU_VARIANTS = ("fp32 eager", "fp32 + compile")
+CUDA_DEFAULT_VARIANTS = ("fp32 eager", "bf16 + channels_last", "bf16 + channels_last + compile",
+                         "bf16 + channels_last + compile + cuda_graphs (default)")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def naive_loop(unet, *, batch: int, steps: int, device: torch.device, tf32: bool) -> float:
+    """img-steps/s of the fp32 eager UNet with ``scheduler.step`` per step."""
+    from diffusers import DDPMScheduler
 
-
-def flops_per_image_step(unet: torch.nn.Module, resolution: int, channels: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randn(1, channels, resolution, resolution)
-    unet = unet.cpu().float()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(x, torch.tensor([10]))
-    return float(counter.get_total_flops())
-
-
-def naive_loop(unet, scheduler, *, batch: int, steps: int, resolution: int, channels: int, device) -> float:
-    """img-steps/s of fp32 eager UNet calls with scheduler.step per step."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    spec = unet.config
+    x = torch.randn(batch, spec.in_channels, spec.sample_size, spec.sample_size, device=device)
     unet = unet.to(device, dtype=torch.float32, memory_format=torch.contiguous_format)
-    x = torch.randn(batch, channels, resolution, resolution, device=device)
-    timesteps = list(range(steps, 0, -1))
-    with torch.no_grad():
-        unet(x, torch.tensor([1], device=device))  # warm-up
-        _sync(device)
-        started = time.perf_counter()
-        for t in timesteps:
-            eps = unet(x, torch.tensor([t], device=device)).sample
-            x = scheduler.step(eps, t, x).prev_sample
-        _sync(device)
-    return batch * steps / (time.perf_counter() - started)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def loop():
+        sample = x
+        for t in range(steps, 0, -1):
+            eps = unet(sample, torch.tensor([t], device=device)).sample
+            sample = scheduler.step(eps, t, sample, generator=generator).prev_sample
+
+    try:
+        with torch.no_grad():
+            unet(x[:1], torch.tensor([1], device=device))  # warm-up (cuDNN algorithm choice)
+            seconds = timed(loop, device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return batch * steps / seconds
 
 
-def ours(unet, alphas_cumprod, *, batch: int, steps: int, resolution: int, channels: int, device, sampler: str):
-    prior = DiffusionPrior(unet, alphas_cumprod=alphas_cumprod, device=device, name="bench")
-    noisy = torch.rand(batch, channels, resolution, resolution)
-    std = 0.8  # t* = 351 for the linear schedule: DDPM runs 352 steps, DDIM `steps`
-    prior.reconstruct(noisy[: min(batch, 8)], std, sampler="ddim", steps=2, batch_size=batch)  # warm-up
-    _sync(device)
-    started = time.perf_counter()
-    output = prior.reconstruct(noisy, std, sampler=sampler, steps=steps, batch_size=batch)
-    _sync(device)
-    seconds = time.perf_counter() - started
-    unet_calls = steps if sampler == "ddim" else int(output.t_start.max()) + 1
-    return batch * unet_calls / seconds
+def ours(arch: str, config: FastPathConfig, *, batch: int, steps: int, device: torch.device) -> dict:
+    """img-steps/s of ``reconstruct`` with DDIM-``steps`` from t* = 351 (noise std 0.8), after a warm-up call."""
+    from diffusers import DDPMScheduler
+
+    unet = build_arch(arch)
+    prior = DiffusionPrior(unet, alphas_cumprod=DDPMScheduler(num_train_timesteps=1000).alphas_cumprod,
+                           device=device, name=arch, fast_path=config)
+    spec = ARCHS[arch]
+    noisy = torch.rand(batch, spec["in_channels"], spec["sample_size"], spec["sample_size"],
+                       generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        warm_up = timed(lambda: prior.reconstruct(noisy, 0.8, steps=2, batch_size=batch), device)
+        outputs = []
+        seconds = timed(lambda: outputs.append(prior.reconstruct(noisy, 0.8, steps=steps, batch_size=batch)), device)
+    return {"img_steps_per_s": batch * steps / seconds, "warm_up_s": warm_up, "ran": outputs[0].fast_path,
+            "fallbacks": [str(w.message) for w in caught] + outputs[0].fallbacks}
 
 
 def main() -> None:
+    quiet_diffusers()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=tuple(ARCHS), default="fashion-32")
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--arch", choices=tuple(ARCHS), default="cifar10-32")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA (32 at 256²), 8 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="steps timed (default: 50 on CUDA, 4 on CPU)")
+    parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
+                        help="default: fp32 eager and fp32 + compile on CPU; without max-autotune on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    from diffusers import DDPMScheduler
 
     device = torch.device(args.device)
-    size, resolution, channels = ARCHS[args.arch]
-    batch = args.batch or (256 if device.type == "cuda" else 8)
-    steps = args.steps or (50 if device.type == "cuda" else 4)
-    torch.manual_seed(0)
-    unet = build_unet(resolution=resolution, channels=channels, model_size=size)
-    parameters = sum(p.numel() for p in unet.parameters())
-    flops = flops_per_image_step(unet, resolution, channels)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+    cuda = device.type == "cuda"
+    spec = ARCHS[args.arch]
+    batch = args.batch or ((32 if spec["sample_size"] > 64 else 256) if cuda else 8)
+    steps = args.steps or (50 if cuda else 4)
+    variants = args.variants or (CUDA_DEFAULT_VARIANTS if cuda else CPU_VARIANTS)
+    flops = flops_per_image_step(args.arch)
+    parameters = sum(p.numel() for p in build_arch(args.arch).parameters())
+    spec_peak, matmul_peak = spec_peak_tflops(device), measured_matmul_tflops(device)
 
-    rows = []
-    naive = naive_loop(unet, scheduler, batch=batch, steps=steps, resolution=resolution, channels=channels,
-                       device=device)
-    rows.append({"variant": "naive fp32 eager + scheduler.step", "img_steps_per_s": naive})
-    rows.append({"variant": f"reconstruct ddim-{steps}", "img_steps_per_s": ours(
-        unet, scheduler.alphas_cumprod, batch=batch, steps=steps, resolution=resolution, channels=channels,
-        device=device, sampler="ddim")})
+    rows = [{"variant": "naive fp32 eager + scheduler.step",
+             "img_steps_per_s": naive_loop(build_arch(args.arch), batch=batch, steps=steps, device=device,
+                                           tf32=False)}]
+    if cuda:
+        rows.append({"variant": "naive + TF32 (PyTorch's cuDNN default)",
+                     "img_steps_per_s": naive_loop(build_arch(args.arch), batch=batch, steps=steps, device=device,
+                                                   tf32=True)})
+    for name in variants:
+        rows.append({"variant": f"reconstruct ddim-{steps}: {name}",
+                     **ours(args.arch, VARIANTS[name], batch=batch, steps=steps, device=device)})
+    naive = rows[0]["img_steps_per_s"]
     for row in rows:
         row["tflops"] = row["img_steps_per_s"] * flops / 1e12
+        row["pct_of_bf16_spec_peak"] = 100 * row["tflops"] / spec_peak if spec_peak else None
+        row["pct_of_measured_bf16_matmul"] = 100 * row["tflops"] / matmul_peak if matmul_peak else None
         row["speedup_vs_naive"] = row["img_steps_per_s"] / naive
-    result = {
-        "benchmark": "reconstruction_throughput",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "device": device_name,
-        "torch": torch.__version__,
-        "arch": args.arch,
-        "parameters": parameters,
-        "gflop_per_image_step": flops / 1e9,
-        "batch": batch,
-        "steps": steps,
-        "rows": rows,
-    }
-    print(f"{args.arch}: {parameters / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOP/img-step, batch {batch}, "
-          f"{device_name}, torch {torch.__version__}")
+    result = {"benchmark": "reconstruction_throughput", **header(device), "arch": args.arch,
+              "parameters": parameters, "gflop_per_image_step": flops / 1e9, "batch": batch, "steps": steps,
+              "bf16_spec_peak_tflops": spec_peak, "bf16_matmul_measured_tflops": matmul_peak, "rows": rows}
+    print(f"{args.arch}: {parameters / 1e6:.1f}M params, {flops / 1e9:.1f} GFLOP/img-step, batch {batch}, "
+          f"{steps} steps, {device_name(device)}, torch {torch.__version__}"
+          + (f", bf16 peak {spec_peak:.0f} (data sheet) / {matmul_peak:.0f} (matmul now) TFLOP/s" if cuda else ""))
     for row in rows:
-        print(f"  {row['variant']:<40} {row['img_steps_per_s']:>10.1f} img-steps/s {row['tflops']:>8.2f} TFLOP/s "
-              f"x{row['speedup_vs_naive']:.2f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        pct = (f" {row['pct_of_bf16_spec_peak']:5.1f}% of peak" if row["pct_of_bf16_spec_peak"] else "")
+        print(f"  {row['variant']:<78} {row['img_steps_per_s']:>10.1f} img-steps/s {row['tflops']:>8.2f} TFLOP/s"
+              f"{pct}  x{row['speedup_vs_naive']:.2f}")
+        for note in row.get("fallbacks", []):
+            print(f"      fallback: {note}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
