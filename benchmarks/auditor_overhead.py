@@ -2,7 +2,9 @@
 
 Prints, per variant: mean training-loop time per step, its ratio to the run without an auditor, the time the
 training thread spent inside the auditor's hooks per audited step (the copy of the batch, the capture), and how long
-the audits themselves took on the worker. The inline capture cost is the gradient copy inside the step hook.
+the audits themselves took on the worker. The inline capture cost is the gradient copy inside the step hook, given
+also as a share of the step without an auditor. "inline, no audits" carries the imprint block through every step
+but never audits: the standing cost of its per-sample gradients, apart from the audits' share of the device.
 
     python benchmarks/auditor_overhead.py --steps 40 --every 10 --json out.json
 """
@@ -10,15 +12,13 @@ the audits themselves took on the worker. The inline capture cost is the gradien
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import warnings
-from datetime import datetime, timezone
 
 import torch
 import torch.nn as nn
+from bench_common import device_name, header, write_json
 from opacus import PrivacyEngine
 
 from opacus_dmaudit import DMAuditor, load_images
@@ -34,15 +34,17 @@ def cnn(width: int) -> nn.Module:
     )
 
 
-def run(mode: str | None, *, images, labels, args, device) -> dict:
+def run(variant: str, *, images, labels, args, device) -> dict:
     torch.manual_seed(0)
     model = cnn(args.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=args.batch)
     engine = PrivacyEngine(accountant="rdp")
     auditor = None
+    mode = {"no auditor": None, "inline, no audits": "inline"}.get(variant, variant)
     if mode is not None:
-        auditor = DMAuditor(engine, prior=args.prior, log_dir=f"{args.log_root}/{mode}", every=args.every,
+        every = 10**9 if variant == "inline, no audits" else args.every
+        auditor = DMAuditor(engine, prior=args.prior, log_dir=f"{args.log_root}/{mode}", every=every,
                             mode=mode, steps=args.sampler_steps, max_reconstructions=args.max_reconstructions,
                             queue_size=args.steps // args.every + 1, device=device)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
@@ -62,13 +64,14 @@ def run(mode: str | None, *, images, labels, args, device) -> dict:
             step += 1
             if step >= args.steps:
                 break
-    result = {"variant": mode or "no auditor", "ms_per_step": 1e3 * statistics.mean(step_times[2:]),
+    result = {"variant": variant, "ms_per_step": 1e3 * statistics.mean(step_times[2:]),
               "ms_per_step_median": 1e3 * statistics.median(step_times[2:])}
     if auditor is not None:
         waited = time.perf_counter()
         auditor.close()
         audits = max(1, len(auditor.records) + auditor.dropped + auditor.errors)
         result.update(blocking_ms_per_audit=1e3 * auditor.blocking_seconds / audits,
+                      capture_ms_per_audit=1e3 * auditor.capture_seconds / audits,
                       audits=len(auditor.records), dropped=auditor.dropped, errors=auditor.errors,
                       audit_seconds_mean=statistics.mean(r.seconds for r in auditor.records) if auditor.records else None,
                       drain_seconds_after_training=time.perf_counter() - waited)
@@ -91,23 +94,24 @@ def main() -> None:
     device = torch.device(args.device)
     images = load_images("fashion-mnist:train", limit=args.batch * 8)
     labels = torch.randint(0, 10, (images.shape[0],))
-    rows = [run(mode, images=images, labels=labels, args=args, device=device) for mode in (None, "shadow", "inline")]
+    variants = ("no auditor", "shadow", "inline", "inline, no audits")
+    rows = [run(variant, images=images, labels=labels, args=args, device=device) for variant in variants]
     base = rows[0]["ms_per_step"]
     for row in rows:
         row["step_time_ratio"] = row["ms_per_step"] / base
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}"
+        if "capture_ms_per_audit" in row:
+            row["capture_pct_of_step"] = 100 * row["capture_ms_per_audit"] / base
+    name = device_name(device)
     print(f"auditor overhead: {name}, CNN width {args.width}, batch {args.batch}, {args.steps} steps, audit every "
           f"{args.every} ({args.sampler_steps} DDIM steps, <= {args.max_reconstructions} images)")
     for row in rows:
         extra = ""
-        if "blocking_ms_per_audit" in row:
-            extra = (f" | training thread blocked {row['blocking_ms_per_audit']:.2f} ms/audit | audits "
+        if row.get("audits"):
+            extra = (f" | training thread blocked {row['blocking_ms_per_audit']:.2f} ms/audit (capture "
+                     f"{row['capture_ms_per_audit']:.3f} ms = {row['capture_pct_of_step']:.2f}% of a step) | audits "
                      f"{row['audits']} ({row['dropped']} dropped), {row['audit_seconds_mean'] or 0:.2f} s each")
-        print(f"  {row['variant']:<11} {row['ms_per_step']:8.2f} ms/step  x{row['step_time_ratio']:.3f}{extra}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"benchmark": "auditor_overhead", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                       "device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, fh, indent=2)
+        print(f"  {row['variant']:<17} {row['ms_per_step']:8.2f} ms/step  x{row['step_time_ratio']:.3f}{extra}")
+    write_json(args.json, {"benchmark": "auditor_overhead", **header(device), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

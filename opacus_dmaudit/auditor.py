@@ -216,7 +216,7 @@ class DMAuditor:
         self.records: list[AuditRecord] = []
         self.dropped = 0
         self.errors = 0
-        self.blocking_seconds = 0.0  # time the training thread spent in the auditor's hooks
+        self._hook_seconds = 0.0  # training-thread time in the auditor's own hooks (the capture counts its own)
         self.block: ImprintBlock | None = None
         self._block_copy: ImprintBlock | None = None
         self._engine = privacy_engine
@@ -243,6 +243,16 @@ class DMAuditor:
             self.writer.config(self.settings())
         if privacy_engine is not None:
             self._intercept(privacy_engine)
+
+    @property
+    def capture_seconds(self) -> float:
+        """Training-thread time spent capturing gradients (inline mode; 0 in shadow mode)."""
+        return self._capture.capture_seconds if self._capture is not None else 0.0
+
+    @property
+    def blocking_seconds(self) -> float:
+        """All training-thread time spent in the auditor: batch copies, gradient capture, queueing."""
+        return self._hook_seconds + self.capture_seconds
 
     # ------------------------------------------------------------------ set-up
     def settings(self) -> dict[str, Any]:
@@ -355,14 +365,14 @@ class DMAuditor:
             started = time.perf_counter()
             # The only work on the training thread: one copy of the batch.
             self._pending.append(args[0].detach().to("cpu", copy=True))
-            self.blocking_seconds += time.perf_counter() - started
+            self._hook_seconds += time.perf_counter() - started
 
     def _after_step(self, step: int) -> None:
         started = time.perf_counter()
         try:
             self._enqueue(step)
         finally:
-            self.blocking_seconds += time.perf_counter() - started
+            self._hook_seconds += time.perf_counter() - started
 
     def _enqueue(self, step: int) -> None:
         self._steps = step

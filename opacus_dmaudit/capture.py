@@ -9,6 +9,8 @@ the clean clipped sum that the oracle noise level needs.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -140,6 +142,7 @@ class GradientCapture:
         self.keep_clean = keep_clean
         self.after_step = after_step
         self.steps = 0
+        self.capture_seconds = 0.0  # training-thread time spent copying gradients (benchmarks report it)
         self.latest: CapturedGradients | None = None
         # The accountant (or whatever was there) keeps running first and unconditionally.
         self._handle = chain_step_hook(optimizer, self._hook)
@@ -148,7 +151,9 @@ class GradientCapture:
         self.steps += 1
         try:
             if self.should_capture(self.steps):
+                started = time.perf_counter()
                 self._capture(optimizer)
+                self.capture_seconds += time.perf_counter() - started
         finally:
             if self.after_step is not None:
                 self.after_step(self.steps)
