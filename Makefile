@@ -13,5 +13,10 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
+# The CPU-sized benchmark suite (about 6 min on 2 cores); on a GPU machine see benchmarks/gpu_perf.sh.
+RESULTS ?= benchmarks/results/cpu
 benchmark: install
-	$(PYTHON) benchmarks/reconstruction_throughput.py
+	$(PYTHON) benchmarks/reconstruction_throughput.py --arch fashion-32 --json $(RESULTS)/throughput-fashion-32.json
+	$(PYTHON) benchmarks/end_to_end_audit.py --json $(RESULTS)/end-to-end.json
+	$(PYTHON) benchmarks/speed_quality.py --json $(RESULTS)/speed-quality.json
+	$(PYTHON) benchmarks/auditor_overhead.py --steps 30 --json $(RESULTS)/auditor-overhead.json

@@ -18,8 +18,8 @@ import argparse
 import warnings
 
 import torch
-from bench_common import quiet_diffusers, (ARCHS, build_arch, device_name, flops_per_image_step, header, measured_matmul_tflops,
-                          spec_peak_tflops, timed, write_json)
+from bench_common import (ARCHS, build_arch, device_name, flops_per_image_step, header, measured_matmul_tflops,
+                          quiet_diffusers, spec_peak_tflops, timed, write_json)
 
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.reverse_process import FastPathConfig

@@ -25,7 +25,7 @@ def main() -> None:
     quiet_diffusers()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prior", default="fashion-mnist")
-    parser.add_argument("--images", type=int, default=None, help="test images (default: 1000 on CUDA, 48 on CPU)")
+    parser.add_argument("--images", type=int, default=None, help="test images (default: 1000 on CUDA, 16 on CPU)")
     parser.add_argument("--noise-std", type=float, nargs="+", default=[0.2, 0.8])
     parser.add_argument("--samplers", nargs="*", choices=tuple(SAMPLERS), default=None,
                         help="default: all on CUDA, the DDIM ones on CPU (DDPM takes t* + 1 steps)")
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    images = load_images("fashion-mnist", limit=args.images or (1000 if cuda else 48))
+    images = load_images("fashion-mnist", limit=args.images or (1000 if cuda else 16))
     samplers = args.samplers or (list(SAMPLERS) if cuda else ["ddim-50", "ddim-25", "ddim-10"])
     paths = {"fp32 eager": FastPathConfig.eager()}
     if cuda:

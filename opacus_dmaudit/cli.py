@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch-size", type=_positive_int, default=None)
     rec.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     rec.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints from trusted sources")
+    rec.add_argument("--eager", action="store_true", help=_EAGER_HELP)
     rec.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     rec.add_argument("--per-image", action="store_true", help="include per-image metrics in the JSON")
     rec.add_argument("--grid", type=Path, default=None, help="write a PNG grid: original, noisy, reconstructed")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="highest acceptable success rate for the recommendation (default 0.05)")
     sweep.add_argument("--seed", type=int, default=0)
     sweep.add_argument("--device", default=None)
+    sweep.add_argument("--eager", action="store_true", help=_EAGER_HELP)
     sweep.add_argument("--out", required=True, type=Path)
     sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     return parser
@@ -140,7 +142,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     _refuse_overwrite(args.json, args.overwrite)
     _refuse_overwrite(args.grid, args.overwrite)
     images = load_images(args.images, limit=args.limit)
-    prior = DiffusionPrior.from_pretrained(args.prior, device=args.device, allow_pickle=args.allow_pickle)
+    prior = DiffusionPrior.from_pretrained(args.prior, device=args.device, allow_pickle=args.allow_pickle,
+                                           fast_path=_fast_path(args))
     show_progress = not args.no_progress and sys.stderr.isatty()
     result = evaluate_prior(
         prior, images, args.noise_std, sampler=args.sampler, steps=args.steps, seed=args.seed,
@@ -229,7 +232,7 @@ def _sweep(args: argparse.Namespace) -> int:
     device = args.device
     if device is None and torch.distributed.is_initialized() and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"  # one GPU per process
-    prior = DiffusionPrior.from_pretrained(args.prior, device=device)
+    prior = DiffusionPrior.from_pretrained(args.prior, device=device, fast_path=_fast_path(args))
     result = run_sweep(images, prior, config=config, out_dir=args.out, progress=rank == 0)
     if rank == 0:
         key = f"{config.success_metric}@{config.success_eta:g}"
@@ -257,6 +260,16 @@ def _sweep(args: argparse.Namespace) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+_EAGER_HELP = "no speed options (fp32, eager, no CUDA graphs); default on CUDA: bf16, compiled, CUDA graphs"
+
+
+def _fast_path(args):
+    """The prior's speed options: None keeps the device's defaults."""
+    from opacus_dmaudit.reverse_process import FastPathConfig
+
+    return FastPathConfig.eager() if args.eager else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import warnings
 from dataclasses import dataclass, replace
 
@@ -249,6 +250,10 @@ def bucket_size(count: int, *, batch_size: int, min_bucket: int) -> int:
     return min(batch_size, max(min_bucket, 1 << math.ceil(math.log2(max(count, 1)))))
 
 
+class _CaptureError(RuntimeError):
+    """A CUDA graph capture failed (the step itself ran)."""
+
+
 class _GraphedStep:
     """A captured CUDA graph of one step on static buffers; replays write the new ``x`` into ``self.x``."""
 
@@ -292,6 +297,7 @@ class ReverseProcess:
         self._compiled = None
         self._graphs: dict[tuple, _GraphedStep] = {}
         self._checked: set[tuple] = set()
+        self._lock = threading.Lock()
         self.fallbacks: list[str] = []
         """Why a speed option was switched off (empty while every configured option runs)."""
 
@@ -326,11 +332,16 @@ class ReverseProcess:
         while self.fast:
             size = bucket_size(x.shape[0], batch_size=batch_size, min_bucket=self.config.min_bucket)
             try:
-                return self._run_fixed(x, plan.padded(size), generator=generator)[: plan.batch]
+                # The static buffers of the captured graphs belong to one caller at a time (e.g. the audit worker
+                # and a user's own reconstruct on the same prior).
+                with self._lock:
+                    return self._run_fixed(x, plan.padded(size), generator=generator)[: plan.batch]
             except Exception as exc:  # compile, capture or Triton errors: never worse than eager
-                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                # Compiling is the likelier culprit; CUDA graphs of the eager step are tried before giving up.
-                self._fall_back("compile" if self.config.compile else "cuda_graphs", reason)
+                cause = exc.__cause__ if isinstance(exc, _CaptureError) else exc
+                reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                # A failed capture costs the graphs alone; anything else is the compiler's.
+                self._fall_back("cuda_graphs" if isinstance(exc, _CaptureError) or not self.config.compile
+                                else "compile", reason)
         return self._run_eager(x, plan, generator=generator)
 
     def _run_eager(self, x: torch.Tensor, plan: ReversePlan, *, generator) -> torch.Tensor:
@@ -360,7 +371,11 @@ class ReverseProcess:
         if self.config.cuda_graphs:
             graphed = self._graphs.get(key)
             if graphed is None:
-                graphed = self._graphs[key] = _GraphedStep(step, x, timesteps[0], coefficients[0], noise)
+                try:
+                    graphed = _GraphedStep(step, x, timesteps[0], coefficients[0], noise)
+                except Exception as exc:
+                    raise _CaptureError("CUDA graph capture failed") from exc
+                self._graphs[key] = graphed
             graphed.x.copy_(x)
             for j in range(plan.num_steps):
                 if plan.stochastic:
