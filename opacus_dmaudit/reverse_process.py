@@ -336,6 +336,8 @@ class ReverseProcess:
                 # and a user's own reconstruct on the same prior).
                 with self._lock:
                     return self._run_fixed(x, plan.padded(size), generator=generator)[: plan.batch]
+            except torch.cuda.OutOfMemoryError:
+                raise  # no speed option's fault: a smaller batch_size is the fix
             except Exception as exc:  # compile, capture or Triton errors: never worse than eager
                 cause = exc.__cause__ if isinstance(exc, _CaptureError) else exc
                 reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
