@@ -149,6 +149,22 @@ def test_cuda_fast_path_matches_eager_fp32(tiny_prior_dir, fashion_images, sampl
             assert abs(float(runs[name].images.mean() - runs["eager"].images.mean())) < 0.05
 
 
+def test_the_fixed_shape_loop_matches_the_sliced_eager_loop():
+    """The loop that compile and CUDA graphs use (padded bucket, waiting rows kept still) against the eager one."""
+    unet, abar = _unet(), DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
+                             device=torch.device("cpu"), config=FastPathConfig.eager())
+    x = torch.randn(3, 1, 16, 16)
+    ddim = plan_ddim(torch.tensor([600, 300, 20]), steps=8, alphas_cumprod=abar)
+    fixed = process._run_fixed(x, ddim.padded(8), generator=None)
+    torch.testing.assert_close(fixed[:3], process._run_eager(x, ddim, generator=None), atol=1e-5, rtol=0)
+    # DDPM with one t* for all: both loops draw the same noise from the same generator.
+    ddpm = plan_ddpm(torch.tensor([40, 40, 40]), alphas_cumprod=abar)
+    fixed = process._run_fixed(x, ddpm, generator=torch.Generator().manual_seed(3))
+    eager = process._run_eager(x, ddpm, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fixed, eager, atol=1e-5, rtol=0)
+
+
 def test_reverse_process_rejects_a_plan_of_another_batch():
     unet = _unet()
     process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
