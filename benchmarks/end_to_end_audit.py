@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="default: 5000 on CUDA, 4 on CPU")
     parser.add_argument("--arch", choices=tuple(ARCHS), default=None,
                         help="default: cifar10-32 on CUDA, fashion-32 (the shipped prior's) on CPU")
-    parser.add_argument("--batch", type=int, default=None, help="images per pass (default: 512 on CUDA, 4 on CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="images per pass (default: 256 on CUDA, 4 on CPU)")
     parser.add_argument("--samplers", nargs="*", choices=("ddpm", "ddim-50"), default=["ddim-50", "ddpm"])
     parser.add_argument("--eager", action="store_true", help="no speed options (FastPathConfig.eager())")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     count = args.images or (5000 if cuda else 4)
-    batch = args.batch or (512 if cuda else 4)
+    batch = args.batch or (256 if cuda else 4)
     args.arch = args.arch or ("cifar10-32" if cuda else "fashion-32")
     spec = ARCHS[args.arch]
 
