@@ -303,8 +303,11 @@ class DiffusionPrior:
         for begin in range(0, count, batch_size):
             index = order[begin : begin + batch_size]
             x_hat = adapted[index] * 2.0 - 1.0
-            # Each image's start noise comes from its own seed, so a DDIM result does not depend on the batching.
-            pad_noise, start_noise = _per_image_noise(seeds[index], x_hat.shape[1:])
+            pure = from_prior[index]
+            # Each image's start noise comes from its own seed, so a DDIM result does not depend on the batching;
+            # drawn only for the images that need it (padded borders, pure-noise starts).
+            needs = torch.ones_like(pure) if adaptation.spatial == "pad" else pure
+            pad_noise, start_noise = _per_image_noise(seeds[index], x_hat.shape[1:], needs)
             if adaptation.spatial == "pad":
                 # The prior must see noise everywhere: padded borders get noise of the image's own level.
                 mask = _pad_mask(x_hat.shape[-2:], adaptation.padding)
@@ -312,7 +315,6 @@ class DiffusionPrior:
             t = t_start[index]
             abar = self.alphas_cumprod[t].view(-1, 1, 1, 1).float()
             x_start = abar.sqrt() * x_hat
-            pure = from_prior[index]
             x_start[pure] = start_noise[pure]
             if sampler == "ddim":
                 plan = plan_ddim(t, steps=steps, alphas_cumprod=self.alphas_cumprod)
@@ -411,14 +413,15 @@ def image_seeds(seed: int | Sequence[int] | torch.Tensor | None, count: int) -> 
     return seeds
 
 
-def _per_image_noise(seeds: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two standard normal draws of ``shape`` per image (padding noise, pure-noise start) from its own seed."""
+def _per_image_noise(seeds: torch.Tensor, shape: torch.Size,
+                     needs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two standard normal draws of ``shape`` (padding noise, pure-noise start) from each needing image's own
+    seed; zeros for the others."""
+    stacked = torch.zeros((len(seeds), 2, *shape))
     generator = torch.Generator()
-    draws = []
-    for value in seeds.tolist():
-        generator.manual_seed(value)
-        draws.append(torch.randn((2, *shape), generator=generator))
-    stacked = torch.stack(draws) if draws else torch.zeros((0, 2, *shape))
+    for i in needs.nonzero().flatten().tolist():
+        generator.manual_seed(int(seeds[i]))
+        stacked[i] = torch.randn((2, *shape), generator=generator)
     return stacked[:, 0], stacked[:, 1]
 
 

@@ -178,24 +178,20 @@ def plan_ddpm(t_start: torch.Tensor, *, alphas_cumprod: torch.Tensor) -> Reverse
         raise ValueError("plan_ddpm needs images sorted by descending t*")
     abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
     alpha = abar / abar_prev
-    timesteps, rows, active = [], [], []
-    for current in range(int(t_start.max()), -1, -1):
-        moving = t_start >= current
-        t = torch.where(moving, torch.full_like(t_start, current), torch.zeros_like(t_start))
-        a, b = _model_coefficients(abar, t)
-        ab, ap, al = abar[current], abar_prev[current], alpha[current]
-        coef_x0 = ap.sqrt() * (1 - al) / (1 - ab)
-        coef_xt = al.sqrt() * (1 - ap) / (1 - ab)
-        std = ((1 - ap) / (1 - ab) * (1 - al)).clamp(min=1e-20).sqrt() if current > 0 else ab.new_tensor(0.0)
-        row = torch.zeros(t_start.numel(), 6, dtype=torch.float64)
-        row[:, _A_T], row[:, _B_T] = a, b
-        row[:, _X0] = torch.where(moving, coef_x0, 0.0)
-        row[:, _X] = torch.where(moving, coef_xt, 1.0)
-        row[:, _NOISE] = torch.where(moving, std, 0.0)
-        rows.append(row)
-        timesteps.append(t)
-        active.append(int(moving.sum()))
-    return ReversePlan(timesteps=torch.stack(timesteps), coefficients=torch.stack(rows).float(), active=active,
+    # All steps at once: row j is the step at t = t_max - j; an image moves from its own t* down.
+    current = torch.arange(int(t_start.max()), -1, -1)
+    moving = t_start.view(1, -1) >= current.view(-1, 1)
+    t = torch.where(moving, current.view(-1, 1), torch.zeros_like(moving, dtype=torch.long))
+    ab, ap, al = abar[current], abar_prev[current], alpha[current]
+    coef_x0 = (ap.sqrt() * (1 - al) / (1 - ab)).view(-1, 1)
+    coef_xt = (al.sqrt() * (1 - ap) / (1 - ab)).view(-1, 1)
+    std = ((1 - ap) / (1 - ab) * (1 - al)).clamp(min=1e-20).sqrt().view(-1, 1)
+    std = torch.where(current.view(-1, 1) > 0, std, 0.0)  # the last step adds no noise
+    a, b = _model_coefficients(abar, t)
+    zero = torch.zeros_like(a)
+    coefficients = torch.stack([a, b, torch.where(moving, coef_x0, zero), zero, torch.where(moving, coef_xt, 1.0),
+                                torch.where(moving, std, zero)], dim=2)
+    return ReversePlan(timesteps=t, coefficients=coefficients.float(), active=moving.sum(dim=1).tolist(),
                        stochastic=True)
 
 
