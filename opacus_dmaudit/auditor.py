@@ -39,6 +39,7 @@ from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
+from opacus_dmaudit.reverse_process import FastPathConfig, bucket_size
 from opacus_dmaudit.recovery import SCALES, recover_images
 from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
 from opacus_dmaudit.report import AuditLogWriter
@@ -133,6 +134,11 @@ class DMAuditor:
         delta: the delta of the logged epsilon.
         metrics: metric names (subset of mse, psnr, ssim, lpips).
         device: where the prior runs (default: CUDA when available).
+        fast_path: speed options of a prior the auditor loads. Default: bf16, channels_last and CUDA graphs on CUDA,
+            without torch.compile (compiling would block the start of training). With ``compile=True`` (here or in
+            a given prior) the auditor compiles at creation, on the calling thread; either way the prior is then
+            frozen: the audit worker never enters the compiler, whose RNG save-and-restore would rewind the
+            training thread's random numbers (DP-SGD noise among them).
         log_originals: include original training images in the grids.
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
         calibration_images: model inputs to calibrate the bins on (default: the training data).
@@ -164,6 +170,7 @@ class DMAuditor:
         delta: float = 1e-5,
         metrics: Sequence[str] = METRICS,
         device: str | torch.device | None = None,
+        fast_path: FastPathConfig | None = None,
         log_originals: bool = True,
         input_mean: Sequence[float] | float | None = None,
         input_std: Sequence[float] | float | None = None,
@@ -190,6 +197,9 @@ class DMAuditor:
                 raise ValueError(f"{name} must be a positive whole number, got {value}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if fast_path is not None and isinstance(prior, DiffusionPrior):
+            raise ValueError("fast_path applies to a prior the auditor loads; give your DiffusionPrior its own "
+                             "fast_path instead")
         self.mode, self.every, self.bins, self.structure = mode, int(every), int(bins), imprint
         self.measurement, self.scale, self.estimate_noise = measurement, scale, estimate_noise
         self.gain = float(gain) if gain is not None else (SHADOW_GAIN if mode == "shadow" else INLINE_GAIN)
@@ -200,6 +210,7 @@ class DMAuditor:
         self.on_error, self.on_audit = on_error, on_audit
         self.batch_audits = int(batch_audits)
         self.log_originals = log_originals
+        self.compile_seconds: float | None = None  # compiling the prior at creation (compile=True only)
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
         self.active = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                            and torch.distributed.get_rank() != 0)
@@ -210,7 +221,9 @@ class DMAuditor:
             # Loading initialises networks randomly before the weights arrive: keep the user's RNG untouched.
             with torch.random.fork_rng(devices=[]):
                 if self.prior is None:
-                    self.prior = DiffusionPrior.from_pretrained(prior, device=device)
+                    self.prior = DiffusionPrior.from_pretrained(
+                        prior, device=device, fast_path=fast_path or FastPathConfig(compile=False))
+                self._prepare_prior()
                 self.image_metrics.prepare()
             self.writer = AuditLogWriter(log_dir, log_originals=log_originals)
             self.log_dir = self.writer.log_dir
@@ -218,6 +231,7 @@ class DMAuditor:
         self.dropped = 0
         self.errors = 0
         self._hook_seconds = 0.0  # training-thread time in the auditor's own hooks (the capture counts its own)
+        self.warm_up_seconds: float | None = None  # the worker's graph-capture warm-up, if the prior has a fast path
         self.block: ImprintBlock | None = None
         self._block_copy: ImprintBlock | None = None
         self._engine = privacy_engine
@@ -411,7 +425,42 @@ class DMAuditor:
             logger.warning("opacus_dmaudit: audit of step %d dropped (the auditor is still busy)", step)
 
     # ------------------------------------------------------------------ worker thread
+    @property
+    def pass_size(self) -> int:
+        """Images per pass of the prior: one audit's reconstructions, rounded up to a power of two (at most 256)."""
+        count = min(self.bins, self.max_reconstructions or self.bins)
+        return bucket_size(count, batch_size=256, min_bucket=8)
+
+    def _prepare_prior(self) -> None:
+        """On the creating thread: compile (if configured) for one pass's shape, then freeze the prior."""
+        process = self.prior.reverse_process
+        if process.config.compile and not process.frozen:
+            started = time.perf_counter()
+            process.prepare((self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution),
+                            batch_size=self.pass_size)
+            self.compile_seconds = time.perf_counter() - started
+        process.freeze()
+
+    def _warm_up(self) -> None:
+        """Capture the prior's CUDA graphs for one pass before the first audit arrives (on the worker, while training
+        starts; capturing draws no random numbers). Nothing to do where the prior runs eagerly."""
+        if not self.prior.reverse_process.fast:
+            return
+        started = time.perf_counter()
+        shape = (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    self.prior.reconstruct(torch.zeros(shape), 0.5, steps=2, batch_size=self.pass_size)
+            else:
+                self.prior.reconstruct(torch.zeros(shape), 0.5, steps=2, batch_size=self.pass_size)
+        except Exception:  # the audits themselves will report what is wrong
+            logger.warning("opacus_dmaudit: warming up the prior failed", exc_info=True)
+            return
+        self.warm_up_seconds = time.perf_counter() - started
+
     def _work(self) -> None:
+        self._warm_up()
         while True:
             jobs = [self._queue.get()]
             # Audits that queued up while the last pass ran share the next pass of the prior.
@@ -486,7 +535,8 @@ class DMAuditor:
             seeds = torch.cat([image_seeds(self.seed + item.job.step, len(item.noisy)) for item in recovered])
             output = self.prior.reconstruct(torch.cat([item.noisy for item in recovered]),
                                             torch.cat([item.noise_std for item in recovered]),
-                                            sampler=self.sampler, steps=self.steps, seed=seeds)
+                                            sampler=self.sampler, steps=self.steps, seed=seeds,
+                                            batch_size=self.pass_size)
         except Exception:
             self._failed(len(recovered))
             return

@@ -163,18 +163,23 @@ def test_waiting_audits_share_a_pass_of_the_prior_without_changing_results(tmp_p
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", batch_audits=0)
 
 
-def test_a_compiled_prior_runs_in_the_worker_thread(tmp_path, fashion_images, tiny_prior_dir):
-    """The CUDA default compiles on the audit worker; here inductor's CPU backend takes the same path."""
+def test_a_compiled_prior_compiles_at_creation_and_never_in_the_worker(tmp_path, fashion_images, tiny_prior_dir):
+    """torch.compile restores the global RNG after tracing, which would rewind the training thread's random numbers
+    (DP-SGD noise among them) if it ran on the audit worker during training."""
+    import threading
+
     from opacus_dmaudit.prior import DiffusionPrior
     from opacus_dmaudit.reverse_process import FastPathConfig
 
-    # One bucket shape (the CPU batch of 32) so the test compiles once.
-    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu",
-                                           fast_path=FastPathConfig(compile=True, min_bucket=64))
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu", fast_path=FastPathConfig(compile=True))
     _, auditor, _ = train(fashion_images, steps=10, auditor_kwargs=audit_kwargs(tmp_path, prior, steps=2))
     assert auditor.errors == 0 and len(auditor.records) == 2
-    assert prior.reverse_process.fallbacks == [] and prior.reverse_process.describe() == "fp32 + compile"
+    assert auditor.compile_seconds is not None and prior.reverse_process.frozen
+    assert prior.reverse_process.compiled_threads == {threading.main_thread().ident}
+    assert prior.reverse_process.fallbacks == []
     assert all(r.reconstructed["psnr"] > 0 for r in auditor.records)
+    with pytest.raises(ValueError, match="fast_path applies to a prior the auditor loads"):
+        DMAuditor(prior=prior, log_dir=tmp_path / "x", fast_path=FastPathConfig.eager())
 
 
 def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_prior_dir):

@@ -165,6 +165,27 @@ def test_the_fixed_shape_loop_matches_the_sliced_eager_loop():
     torch.testing.assert_close(fixed, eager, atol=1e-5, rtol=0)
 
 
+def test_a_frozen_process_never_enters_the_compiler_again():
+    import threading
+
+    unet, abar = _unet(), DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
+                             device=torch.device("cpu"), config=FastPathConfig(compile=True))
+    process.prepare((8, 1, 16, 16), batch_size=8)
+    process.freeze()
+    assert process.compiled_threads == {threading.get_ident()} and process.fallbacks == []
+    plan = plan_ddim(torch.tensor([50, 40, 30]), steps=3, alphas_cumprod=abar)
+    x = torch.randn(3, 1, 16, 16)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(process.run(x, plan, generator=None, batch_size=8)))
+    worker.start()
+    worker.join()
+    assert process.compiled_threads == {threading.get_ident()}  # the worker ran the uncompiled step
+    torch.testing.assert_close(results[0], process._run_eager(x, plan, generator=None), atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="frozen"):
+        process.prepare((8, 1, 16, 16), batch_size=8)
+
+
 def test_reverse_process_rejects_a_plan_of_another_batch():
     unet = _unet()
     process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
