@@ -19,8 +19,7 @@ sizes are padded to a few buckets so the shapes stay fixed). A compiled step tha
 output disagrees with the eager step, falls back to eager with a warning: speed options never cost correctness.
 
 Threads: while ``torch.compile`` traces, it saves the process's global RNG state and restores it when done, so any
-random numbers another thread drew meanwhile are drawn again afterwards (shown on this project's CPU: 2,073 of
-26,201 draws repeated). Next to a training loop that would repeat DP-SGD noise. Code that reconstructs next to
+random numbers another thread drew meanwhile are drawn again afterwards (``benchmarks/compile_rng_hazard.py``). Next to a training loop that would repeat DP-SGD noise. Code that reconstructs next to
 training therefore calls :meth:`ReverseProcess.prepare` on the training thread before training and
 :meth:`ReverseProcess.freeze` after it: a frozen process never enters the compiler again. It replays the CUDA
 graphs captured while preparing, and any shape it was not prepared for runs the uncompiled step. CUDA graph
