@@ -19,11 +19,12 @@ sizes are padded to a few buckets so the shapes stay fixed). A compiled step tha
 output disagrees with the eager step, falls back to eager with a warning: speed options never cost correctness.
 
 Threads: while ``torch.compile`` traces, it saves the process's global RNG state and restores it when done, so any
-random numbers another thread drew meanwhile are drawn again afterwards (``benchmarks/compile_rng_hazard.py``). Next to a training loop that would repeat DP-SGD noise. Code that reconstructs next to
-training therefore calls :meth:`ReverseProcess.prepare` on the training thread before training and
-:meth:`ReverseProcess.freeze` after it: a frozen process never enters the compiler again. It replays the CUDA
-graphs captured while preparing, and any shape it was not prepared for runs the uncompiled step. CUDA graph
-capture itself draws nothing and is thread-local, so it may happen on any thread.
+random numbers another thread drew meanwhile are drawn again afterwards (``benchmarks/compile_rng_hazard.py``).
+Next to a training loop that would repeat DP-SGD noise. Code that reconstructs next to training therefore calls
+:meth:`ReverseProcess.prepare` on the training thread before training and :meth:`ReverseProcess.freeze` after it:
+a frozen process never enters the compiler again. It replays the CUDA graphs captured while preparing, and any
+shape it was not prepared for runs the uncompiled step. CUDA graph capture itself draws nothing and is
+thread-local, so it may happen on any thread.
 """
 
 from __future__ import annotations
