@@ -22,6 +22,7 @@ Each image keeps its own seed, so a DDIM reconstruction does not depend on which
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -441,6 +442,10 @@ class DMAuditor:
             self.compile_seconds = time.perf_counter() - started
         process.freeze()
 
+    def _worker_stream(self) -> contextlib.AbstractContextManager:
+        """The worker's own CUDA stream, so its kernels queue beside training's rather than behind them."""
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
     def _warm_up(self) -> None:
         """Capture the prior's CUDA graphs for one pass before the first audit arrives (on the worker, while training
         starts; capturing draws no random numbers). Nothing to do where the prior runs eagerly."""
@@ -449,10 +454,7 @@ class DMAuditor:
         started = time.perf_counter()
         shape = (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
         try:
-            if self._stream is not None:
-                with torch.cuda.stream(self._stream):
-                    self.prior.reconstruct(torch.zeros(shape), 0.5, steps=2, batch_size=self.pass_size)
-            else:
+            with self._worker_stream():
                 self.prior.reconstruct(torch.zeros(shape), 0.5, steps=2, batch_size=self.pass_size)
         except Exception:  # the audits themselves will report what is wrong
             logger.warning("opacus_dmaudit: warming up the prior failed", exc_info=True)
@@ -472,10 +474,7 @@ class DMAuditor:
             try:
                 audits = [job for job in jobs if job is not None]
                 if audits and not self._stopped:
-                    if self._stream is not None:
-                        with torch.cuda.stream(self._stream):
-                            self._audit(audits)
-                    else:
+                    with self._worker_stream():
                         self._audit(audits)
             finally:
                 for _ in jobs:
