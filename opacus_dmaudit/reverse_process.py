@@ -312,7 +312,9 @@ class ReverseProcess:
 
     @property
     def fast(self) -> bool:
-        """Whether steps run compiled (padded fixed shapes) rather than eagerly."""
+        """Whether steps run compiled or as graphs (padded fixed shapes) rather than eagerly (sliced)."""
+        if self._frozen:  # compiled code runs only inside graphs then, so without graphs nothing gains from padding
+            return bool(self.config.cuda_graphs)
         return bool(self.config.compile or self.config.cuda_graphs)
 
     @property
