@@ -13,7 +13,7 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# The CPU-sized benchmark suite (about 6 min on 2 cores); on a GPU machine see benchmarks/gpu_perf.sh.
+# The CPU-sized benchmark suite (about 8 min on 2 cores); on a GPU machine see benchmarks/gpu_perf.sh.
 RESULTS ?= benchmarks/results/cpu
 benchmark: install
 	$(PYTHON) benchmarks/reconstruction_throughput.py --arch fashion-32 --json $(RESULTS)/throughput-fashion-32.json
