@@ -54,7 +54,10 @@ class FastPathConfig:
 
     Attributes:
         precision: "bf16" (autocast of the UNet; the update stays fp32) or "fp32". Default: bf16 on CUDA.
-        channels_last: NHWC layout for the UNet's convolutions. Default: on CUDA.
+        channels_last: NHWC layout for the UNet's convolutions. Default: on where ``compile`` is (on CUDA). Eager
+            CUDA GroupNorm computes in NCHW (``native_group_norm`` makes its input contiguous on every device but
+            the CPU), so uncompiled, every GroupNorm → conv pair would transpose the activation twice; inductor
+            lowers GroupNorm itself and keeps the layout.
         compile: ``torch.compile`` the step (UNet and scheduler update together). Default: on CUDA. Falls back
             to eager, with a warning, when compiling fails or disagrees with eager.
         cuda_graphs: replay each fixed-shape step as a CUDA graph (needs CUDA). Default: on CUDA.
@@ -85,11 +88,12 @@ class FastPathConfig:
         cuda = device.type == "cuda"
         if self.cuda_graphs and not cuda:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the prior runs on {device}")
+        compile = cuda if self.compile is None else self.compile
         return replace(
             self,
             precision=self.precision or ("bf16" if cuda else "fp32"),
-            channels_last=cuda if self.channels_last is None else self.channels_last,
-            compile=cuda if self.compile is None else self.compile,
+            channels_last=(cuda and compile) if self.channels_last is None else self.channels_last,
+            compile=compile,
             cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs,
         )
 

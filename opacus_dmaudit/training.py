@@ -189,7 +189,10 @@ def train_prior(
 
     torch.manual_seed(config.seed)
     unet = build_unet(resolution=config.resolution, channels=config.channels, model_size=config.model_size).to(device)
-    if device.type == "cuda":
+    # NHWC only where inductor lowers GroupNorm: eager CUDA GroupNorm (forward and backward) computes in NCHW, so
+    # each GroupNorm -> conv pair would transpose the activations twice.
+    channels_last = config.compile and device.type == "cuda"
+    if channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               prediction_type="epsilon", clip_sample=True, variance_type="fixed_small")
@@ -228,7 +231,7 @@ def train_prior(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=device, generator=generator)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise
-        if device.type == "cuda":
+        if channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             prediction = model(noisy, t).sample

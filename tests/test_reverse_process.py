@@ -82,6 +82,10 @@ def test_fast_path_config_resolves_per_device_and_rejects_bad_options():
     assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == ("fp32", False, False, False)
     cuda = FastPathConfig().resolve(torch.device("cuda"))
     assert (cuda.precision, cuda.channels_last, cuda.compile, cuda.cuda_graphs) == ("bf16", True, True, True)
+    # Uncompiled, NHWC would only add GroupNorm's transposes on CUDA; asked for explicitly, it is kept.
+    graphs_only = FastPathConfig(compile=False).resolve(torch.device("cuda"))
+    assert (graphs_only.channels_last, graphs_only.compile, graphs_only.cuda_graphs) == (False, False, True)
+    assert FastPathConfig(compile=False, channels_last=True).resolve(torch.device("cuda")).channels_last
     with pytest.raises(ValueError, match="needs a CUDA device"):
         FastPathConfig(cuda_graphs=True).resolve(torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA graphs"):
