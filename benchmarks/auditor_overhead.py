@@ -74,7 +74,9 @@ def run(variant: str, *, images, labels, args, device) -> dict:
                       capture_ms_per_audit=1e3 * auditor.capture_seconds / audits,
                       audits=len(auditor.records), dropped=auditor.dropped, errors=auditor.errors,
                       audit_seconds_mean=statistics.mean(r.seconds for r in auditor.records) if auditor.records else None,
-                      drain_seconds_after_training=time.perf_counter() - waited)
+                      drain_seconds_after_training=time.perf_counter() - waited,
+                      prior_fast_path=auditor.prior.reverse_process.describe() if auditor.prior else None,
+                      warm_up_seconds=auditor.warm_up_seconds, compile_seconds=auditor.compile_seconds)
     return result
 
 
@@ -111,6 +113,8 @@ def main() -> None:
                      f"{row['capture_ms_per_audit']:.3f} ms = {row['capture_pct_of_step']:.2f}% of a step) | audits "
                      f"{row['audits']} ({row['dropped']} dropped), {row['audit_seconds_mean'] or 0:.2f} s each")
         print(f"  {row['variant']:<17} {row['ms_per_step']:8.2f} ms/step  x{row['step_time_ratio']:.3f}{extra}")
+        if row.get("warm_up_seconds") is not None:
+            print(f"      prior {row['prior_fast_path']}: worker warm-up (graph capture) {row['warm_up_seconds']:.2f} s")
     write_json(args.json, {"benchmark": "auditor_overhead", **header(device), "args": vars(args), "rows": rows})
 
 

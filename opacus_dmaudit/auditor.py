@@ -136,10 +136,11 @@ class DMAuditor:
         metrics: metric names (subset of mse, psnr, ssim, lpips).
         device: where the prior runs (default: CUDA when available).
         fast_path: speed options of a prior the auditor loads. Default: bf16 and CUDA graphs on CUDA, without
-            torch.compile (so without channels_last, which only pays with the compiler's GroupNorm) (compiling would block the start of training). With ``compile=True`` (here or in
-            a given prior) the auditor compiles at creation, on the calling thread; either way the prior is then
-            frozen: the audit worker never enters the compiler, whose RNG save-and-restore would rewind the
-            training thread's random numbers (DP-SGD noise among them).
+            torch.compile (compiling would block the start of training), and so without channels_last, which pays
+            only with the compiler's GroupNorm. With ``compile=True`` (here or in a given prior) the auditor
+            compiles at creation, on the calling thread; either way the prior is then frozen: the audit worker
+            never enters the compiler, whose RNG save-and-restore would rewind the training thread's random
+            numbers (DP-SGD noise among them).
         log_originals: include original training images in the grids.
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
         calibration_images: model inputs to calibrate the bins on (default: the training data).

@@ -121,7 +121,8 @@ class DiffusionPrior:
         device: where to run; defaults to CUDA when available.
         clip_sample: clamp the predicted ``x_0`` to ``[-1, 1]`` at each step (as diffusers' DDPM default).
         fast_path: speed options (bf16, channels_last, torch.compile, CUDA graphs); by default all of them on
-            CUDA (channels_last only with compile) and none on CPU. See :class:`~opacus_dmaudit.reverse_process.FastPathConfig`.
+            CUDA (channels_last only with compile) and none on CPU. See
+            :class:`~opacus_dmaudit.reverse_process.FastPathConfig`.
     """
 
     def __init__(
