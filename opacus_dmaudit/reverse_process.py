@@ -267,17 +267,25 @@ class _GraphedStep:
 
     def __init__(self, step, x: torch.Tensor, t: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor):
         self.x, self.t, self.coefficients, self.noise = x.clone(), t.clone(), coefficients.clone(), noise.clone()
-        # Warm-up on a side stream (lazy initialisation, cuDNN autotuning) must precede capture.
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
+        self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
+            # Warm-up (lazy initialisation, cuDNN's algorithm choice) must precede capture.
             for _ in range(2):
                 step(self.x.clone(), self.t, self.coefficients, self.noise)
+            # Captured by hand, not with torch.cuda.graph(), whose entry synchronises the device and empties the
+            # caching allocator: next to a training loop, the user's next allocations would cudaMalloc again.
+            # Thread-local capture: the training thread may allocate or synchronise meanwhile without breaking it.
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.x.copy_(step(self.x, self.t, self.coefficients, self.noise))
+            except BaseException:
+                with contextlib.suppress(Exception):  # end the broken capture; the step's error is the one to see
+                    self.graph.capture_end()
+                raise
+            self.graph.capture_end()
         torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # Thread-local capture: the training thread may allocate or synchronise meanwhile without breaking it.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.x.copy_(step(self.x, self.t, self.coefficients, self.noise))
 
     def __call__(self, t: torch.Tensor, coefficients: torch.Tensor) -> None:
         self.t.copy_(t, non_blocking=True)
