@@ -182,6 +182,33 @@ def test_a_compiled_prior_compiles_at_creation_and_never_in_the_worker(tmp_path,
         DMAuditor(prior=prior, log_dir=tmp_path / "x", fast_path=FastPathConfig.eager())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the worker's CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_cuda_graphs_are_captured_on_the_worker_next_to_training_on_cuda(tmp_path, fashion_images, tiny_prior_dir,
+                                                                          mode):
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = tiny_cnn().to(device)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(fashion_images, torch.randint(0, 10, (256,))), batch_size=64)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=2, device="cuda"))
+    model, optimizer, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                   data_loader=loader, noise_multiplier=0.5, max_grad_norm=1.0,
+                                                   poisson_sampling=False)
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            optimizer.step()
+    auditor.close()
+    process = auditor.prior.reverse_process
+    assert auditor.errors == 0 and len(auditor.records) == 4, auditor.records
+    assert process.describe() == "bf16 + cuda_graphs" and process.fallbacks == [] and process.compiled_threads == set()
+    assert auditor.warm_up_seconds is not None
+    assert all(r.reconstructed["psnr"] > r.noisy["psnr"] for r in auditor.records)
+
+
 def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images, steps=5,
                           auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, log_originals=False))

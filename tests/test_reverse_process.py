@@ -147,6 +147,11 @@ def test_cuda_fast_path_matches_eager_fp32(tiny_prior_dir, fashion_images, sampl
     if sampler == "ddim":
         for name in ("graphs", "compile+graphs"):
             torch.testing.assert_close(runs[name].images, runs["eager"].images, atol=2e-3, rtol=0)
+        # The auditor's own default, bf16 CUDA graphs without compile: close to fp32, not equal.
+        prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cuda", fast_path=FastPathConfig(compile=False))
+        bf16 = prior.reconstruct(noisy, std, sampler=sampler, steps=5, batch_size=16)
+        assert bf16.fast_path == "bf16 + cuda_graphs" and bf16.notes == [], (bf16.fast_path, bf16.notes)
+        assert float((bf16.images - runs["eager"].images).abs().mean()) < 0.03
     else:
         for name in ("graphs", "compile+graphs"):
             assert runs[name].images.shape == runs["eager"].images.shape
