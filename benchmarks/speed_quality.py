@@ -1,7 +1,7 @@
 """What each speed option costs in reconstruction quality: PSNR / SSIM of the shipped prior on real images, one run.
 
-Rows: the reference (fp32, eager, DDIM-50), then fewer DDIM steps, DDPM, and on CUDA the bf16 / compile / CUDA graph
-fast path with each sampler. Every row reconstructs the same noisy Fashion-MNIST test images (same noise, same
+Rows: the reference (fp32, eager, DDIM-50, or the first sampler asked for), then fewer DDIM steps, DDPM, and the
+other speed options (``--paths``; bf16 also on CPU) with each sampler. Every row reconstructs the same noisy Fashion-MNIST test images (same noise, same
 seeds) and is scored against the originals on the 28×28 crop; ``delta_*`` is the change from the reference row.
 
     python benchmarks/speed_quality.py --images 256 --noise-std 0.2 0.8 --json out.json
@@ -19,6 +19,14 @@ from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.reverse_process import FastPathConfig
 
 SAMPLERS = {"ddim-50": ("ddim", 50), "ddim-25": ("ddim", 25), "ddim-10": ("ddim", 10), "ddpm": ("ddpm", 1)}
+PATHS = {
+    "fp32 eager": FastPathConfig.eager(),
+    # bf16 autocast runs on the CPU too (emulated, about 25x slower than fp32 on an AVX2 core): its rounding of the
+    # UNet's inputs and weights, the part that costs quality, can be measured without a GPU.
+    "bf16 eager": FastPathConfig.eager(precision="bf16"),
+    "bf16 + cuda_graphs (DMAuditor's prior)": FastPathConfig(compile=False),
+    "bf16 + channels_last + compile + cuda_graphs": FastPathConfig(),
+}
 
 
 def main() -> None:
@@ -29,6 +37,8 @@ def main() -> None:
     parser.add_argument("--noise-std", type=float, nargs="+", default=[0.2, 0.8])
     parser.add_argument("--samplers", nargs="*", choices=tuple(SAMPLERS), default=None,
                         help="default: all on CUDA, the DDIM ones on CPU (DDPM takes t* + 1 steps)")
+    parser.add_argument("--paths", nargs="*", choices=tuple(PATHS), default=None,
+                        help="speed options (default: fp32 eager and the CUDA default on CUDA, fp32 eager on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -36,9 +46,10 @@ def main() -> None:
     cuda = device.type == "cuda"
     images = load_images("fashion-mnist", limit=args.images or (1000 if cuda else 16))
     samplers = args.samplers or (list(SAMPLERS) if cuda else ["ddim-50", "ddim-25", "ddim-10"])
-    paths = {"fp32 eager": FastPathConfig.eager()}
-    if cuda:
-        paths["bf16 + channels_last + compile + cuda_graphs"] = FastPathConfig()
+    names = args.paths or (["fp32 eager", "bf16 + channels_last + compile + cuda_graphs"] if cuda else ["fp32 eager"])
+    if "fp32 eager" not in names:
+        names = ["fp32 eager", *names]  # the reference every delta is taken against
+    paths = {name: PATHS[name] for name in names}
     metrics = ImageMetrics(metrics=("mse", "psnr", "ssim"))
 
     rows = []
@@ -53,7 +64,7 @@ def main() -> None:
                              "t_start": level.t_start, "psnr": level.reconstructed["psnr"],
                              "ssim": level.reconstructed["ssim"], "seconds": level.seconds,
                              "images_per_s": len(images) / level.seconds})
-    reference = {r["noise_std"]: r for r in rows if r["fast_path"] == "fp32 eager" and r["sampler"] == "ddim-50"}
+    reference = {r["noise_std"]: r for r in rows if r["fast_path"] == "fp32 eager" and r["sampler"] == samplers[0]}
     for row in rows:
         base = reference.get(row["noise_std"])
         row["delta_psnr"] = row["psnr"] - base["psnr"] if base else None
