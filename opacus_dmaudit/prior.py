@@ -297,8 +297,17 @@ class DiffusionPrior:
 
         seeds = image_seeds(seed, count)
         batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
-        outputs = []
+        clean = torch.empty_like(adapted)
+        in_flight = None  # the last batch's (index, host copy, copy-done event): its copy overlaps the next batch
         bar = _progress_bar(count, progress)
+
+        def finish(batch) -> None:
+            index, host, done = batch
+            if done is not None:
+                done.synchronize()  # this batch only: the one queued after it keeps the device busy meanwhile
+            clean[index] = host
+            bar(len(index))
+
         # Sorting by t* keeps each DDPM batch's moving images a prefix and its chain short.
         order = torch.argsort(t_start, descending=True, stable=True)
         for begin in range(0, count, batch_size):
@@ -323,14 +332,23 @@ class DiffusionPrior:
                 plan = plan_ddpm(t, alphas_cumprod=self.alphas_cumprod)
             # The reverse process draws its noise where it runs, so DDPM steps on CUDA need no host round trip.
             generator = torch.Generator(device=self.device).manual_seed(int(seeds[index[0]]))
-            result = self.reverse_process.run(x_start, plan, generator=generator, batch_size=batch_size)
-            outputs.append((index, result.float().cpu()))
-            bar(len(index))
+            result = self.reverse_process.run(x_start, plan, generator=generator, batch_size=batch_size).float()
+            done = None
+            if result.is_cuda:
+                # Copied back without blocking, so the host plans the next batch while this one runs.
+                host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+                host.copy_(result, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(result.device))
+            else:
+                host = result.cpu()
+            if in_flight is not None:
+                finish(in_flight)
+            in_flight = (index, host, done)
+        if in_flight is not None:
+            finish(in_flight)
         bar(None)
 
-        clean = torch.empty_like(adapted)
-        for index, result in outputs:
-            clean[index] = result
         images = restore_from_prior(((clean + 1.0) / 2.0).clamp(0.0, 1.0), adaptation)
         fallbacks = list(self.reverse_process.fallbacks)
         notes = fallbacks + ([self.prior_sample_note(int(from_prior.sum()), count)] if from_prior.any() else [])
