@@ -98,12 +98,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
                         help="default: fp32 eager and fp32 + compile on CPU; the bf16 ones but max-autotune on CUDA")
     parser.add_argument("--no-compile", action="store_true", help="only the variants that do not compile")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN time its convolution algorithms (every row, naive included)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     spec = ARCHS[args.arch]
     batch = args.batch or ((32 if spec["sample_size"] > 64 else 256) if cuda else 8)
     steps = args.steps or (50 if cuda else 4)
@@ -116,6 +119,7 @@ def main() -> None:
 
     result = {"benchmark": "reconstruction_throughput", **header(device), "arch": args.arch,
               "parameters": parameters, "gflop_per_image_step": flops / 1e9, "batch": batch, "steps": steps,
+              "cudnn_benchmark": args.cudnn_benchmark,
               "bf16_spec_peak_tflops": spec_peak, "bf16_matmul_measured_tflops": matmul_peak, "rows": []}
     print(f"{args.arch}: {parameters / 1e6:.1f}M params, {flops / 1e9:.1f} GFLOP/img-step, batch {batch}, "
           f"{steps} steps, {device_name(device)}, torch {torch.__version__}"
