@@ -429,9 +429,10 @@ class DMAuditor:
     # ------------------------------------------------------------------ worker thread
     @property
     def pass_size(self) -> int:
-        """Images per pass of the prior: one audit's reconstructions, rounded up to a power of two (at most 256)."""
+        """Images per UNet call of the prior: one audit's reconstructions, rounded up to a power of two, at most the
+        prior's ``default_batch_size`` (256 on CUDA, 32 on CPU, fewer for large images)."""
         count = min(self.bins, self.max_reconstructions or self.bins)
-        return bucket_size(count, batch_size=256, min_bucket=8)
+        return bucket_size(count, batch_size=self.prior.default_batch_size, min_bucket=8)
 
     def _prepare_prior(self) -> None:
         """On the creating thread: compile (if configured) for one pass's shape, then freeze the prior."""

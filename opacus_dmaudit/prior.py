@@ -238,6 +238,15 @@ class DiffusionPrior:
         return (self.sigmas.reshape(1, -1) - sigma).abs().argmin(dim=1)
 
     # ------------------------------------------------------------------ reconstruction
+    @property
+    def default_batch_size(self) -> int:
+        """Images per UNet call when none is given: 256 on CUDA and 32 on CPU up to 64×64 images, then fewer so that
+        activations stay about the size they are at 32 images of 256×256 (CUDA) or 4 (CPU), e.g. 128 at 128×128
+        on CUDA. One forward pass of the google/ddpm-celebahq-256 architecture peaks at about 0.4 GB per image in
+        fp32 (measured on CPU), so a flat 256 would need about 100 GB there."""
+        cap, pixels = (256, 2**21) if self.device.type == "cuda" else (32, 2**18)
+        return max(1, min(cap, pixels // self.resolution**2))
+
     @torch.no_grad()
     def reconstruct(
         self,
@@ -262,7 +271,7 @@ class DiffusionPrior:
             seed: seed of the sampler's noise (padding noise, pure-noise starts, DDPM steps), or one seed per image.
                 Start noise is drawn per image, so DDIM results do not depend on ``batch_size`` or on which
                 images share a batch; DDPM's step noise is seeded per batch by its first image.
-            batch_size: images per UNet call; defaults to 256 on CUDA and 32 on CPU.
+            batch_size: images per UNet call; defaults to :attr:`default_batch_size`.
             progress: show a tqdm bar (True) or call this with the number of images finished.
             spatial: how to adapt sizes, see :func:`opacus_dmaudit.data.adapt_to_prior`.
 
@@ -296,7 +305,7 @@ class DiffusionPrior:
         t_start[from_prior] = self.num_timesteps - 1
 
         seeds = image_seeds(seed, count)
-        batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
+        batch_size = batch_size or self.default_batch_size
         clean = torch.empty_like(adapted)
         in_flight = None  # the last batch's (index, host copy, copy-done event): its copy overlaps the next batch
         bar = _progress_bar(count, progress)

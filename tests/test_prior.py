@@ -85,3 +85,14 @@ def test_shipped_prior_loads_offline_and_denoises(fashion_images, monkeypatch):
     noisy_mse = float(((noisy - x) ** 2).mean())
     recon_mse = float(((out.images - x) ** 2).mean())
     assert recon_mse < noisy_mse / 3, (recon_mse, noisy_mse)
+
+
+@pytest.mark.parametrize("resolution, expected", [(16, 32), (64, 32), (128, 16), (256, 4)])
+def test_default_batch_size_shrinks_with_the_image_size(resolution, expected):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=resolution, in_channels=1, out_channels=1, block_out_channels=(4, 8),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=2)
+    prior = DiffusionPrior(unet, alphas_cumprod=DDPMScheduler().alphas_cumprod, device="cpu")
+    assert prior.resolution == resolution and prior.default_batch_size == expected
