@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--limit", type=_positive_int, default=None, help="use the first N images in file order")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--estimate-noise", action="store_true", help="estimate each image's noise std (unknown variance)")
-    rec.add_argument("--batch-size", type=_positive_int, default=None)
+    rec.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="images per UNet call (default: 256 on CUDA, 32 on CPU; fewer for images over 64x64)")
     rec.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     rec.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints from trusted sources")
     rec.add_argument("--eager", action="store_true", help=_EAGER_HELP)
