@@ -315,7 +315,7 @@ class ReverseProcess:
         self._graphs: dict[tuple, _GraphedStep] = {}
         self._checked: set[tuple] = set()
         self._frozen = False
-        self._prepared: set[int] = set()  # padded batch sizes compiled (and captured) by prepare()
+        self._compiled_sizes: set[int] = set()  # padded batch sizes the compiled step has been built for
         self.compiled_threads: set[int] = set()
         """Idents of the threads that have called the compiled step (for checks that none is a worker)."""
         self._lock = threading.Lock()
@@ -350,8 +350,6 @@ class ReverseProcess:
         plan = ReversePlan(timesteps=torch.full((1, size), 100), active=[size], stochastic=False,
                            coefficients=torch.tensor([half, half, 1.0, 0.0, 0.0, 0.0]).repeat(1, size, 1))
         self.run(x, plan, generator=None, batch_size=size)
-        if self.config.compile:
-            self._prepared.add(size)
 
     def describe(self) -> str:
         """The options in effect, e.g. ``"bf16 + channels_last + compile + cuda_graphs"``."""
@@ -378,9 +376,10 @@ class ReverseProcess:
             x = x.contiguous(memory_format=torch.channels_last)
         while self.fast:
             size = bucket_size(x.shape[0], batch_size=batch_size, min_bucket=self.config.min_bucket)
-            if self._frozen:
-                # Pad up to a prepared (compiled) size where one fits, rather than run uncompiled.
-                size = min((p for p in self._prepared if p >= x.shape[0]), default=size)
+            if self.config.compile:
+                # Pad up to a size already compiled where one fits: a compile costs tens of seconds, the time of
+                # thousands of image-steps (and once frozen, any other size would run uncompiled).
+                size = min((p for p in self._compiled_sizes if p >= x.shape[0]), default=size)
             try:
                 # The static buffers of the captured graphs belong to one caller at a time (e.g. the audit worker
                 # and a user's own reconstruct on the same prior).
@@ -415,13 +414,16 @@ class ReverseProcess:
         timesteps = plan.timesteps.to(self.device, non_blocking=True)
         coefficients = plan.coefficients.to(self.device, non_blocking=True)
         noise = torch.zeros_like(x)
-        # Frozen: the compiled function only inside graphs captured while preparing (calling it could recompile).
-        compiled = self.config.compile and (not self._frozen or (size in self._prepared and self.config.cuda_graphs))
+        # Frozen: the compiled function only inside graphs captured before freezing (calling it could recompile).
+        compiled = self.config.compile and (not self._frozen or (size in self._compiled_sizes
+                                                                 and self.config.cuda_graphs))
         step = self._compiled_step() if compiled else self.step
         key = (tuple(x.shape), x.dtype, compiled)
         if key not in self._checked:
             self._check(step, x, timesteps[0], coefficients[0], noise, generator=generator, stochastic=plan.stochastic)
             self._checked.add(key)
+        if compiled:
+            self._compiled_sizes.add(size)
         if self.config.cuda_graphs:
             graphed = self._graphs.get(key)
             if graphed is None:

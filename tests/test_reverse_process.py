@@ -195,6 +195,18 @@ def test_a_frozen_process_never_enters_the_compiler_again():
         process.prepare((8, 1, 16, 16), batch_size=8)
 
 
+def test_a_compiled_process_pads_to_a_size_it_has_compiled_rather_than_compile_another():
+    unet, abar = _unet(), DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
+                             device=torch.device("cpu"), config=FastPathConfig(compile=True))
+    for count in (20, 5):  # buckets 32 and 8: the 5 images ride in the compiled 32
+        plan = plan_ddim(torch.full((count,), 60), steps=2, alphas_cumprod=abar)
+        x = torch.randn(count, 1, 16, 16, generator=torch.Generator().manual_seed(count))
+        out = process.run(x, plan, generator=None, batch_size=32)
+        torch.testing.assert_close(out, process._run_eager(x, plan, generator=None), atol=1e-4, rtol=0)
+    assert process._compiled_sizes == {32} and process.fallbacks == []
+
+
 def test_reverse_process_rejects_a_plan_of_another_batch():
     unet = _unet()
     process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
