@@ -377,7 +377,7 @@ class ReverseProcess:
         while self.fast:
             size = bucket_size(x.shape[0], batch_size=batch_size, min_bucket=self.config.min_bucket)
             if self.config.compile:
-                # Pad up to a size already compiled where one fits: a compile costs tens of seconds, the time of
+                # Pad up to a size already compiled where one fits: a compile costs seconds to minutes, the time of
                 # thousands of image-steps (and once frozen, any other size would run uncompiled).
                 size = min((p for p in self._compiled_sizes if p >= x.shape[0]), default=size)
             try:
