@@ -337,9 +337,9 @@ class DMAuditor:
         ``optimizer`` (learning rate 0; they are also restored after each step)."""
         sample = self._calibration_sample(data_loader)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        self.block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
-                                  measurement=self.measurement, gain=self.gain, seed=self.seed).calibrate(sample)
-        self.block = self.block.to(device)
+        block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
+                             measurement=self.measurement, gain=self.gain, seed=self.seed)
+        self.block = block.calibrate(sample).to(device)
         optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
         return ImprintedModel(module, self.block)
 
