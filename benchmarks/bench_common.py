@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from opacus_dmaudit.training import MODEL_SIZES
+
 # diffusers UNet2DModel configs of the hub priors named (from their unet/config.json), and of the shipped prior.
 _GOOGLE = dict(layers_per_block=2, norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None, downsample_padding=0,
                flip_sin_to_cos=False, freq_shift=1, act_fn="silu", time_embedding_type="positional")
@@ -22,10 +24,7 @@ ARCHS: dict[str, dict] = {
                          block_out_channels=(128, 128, 256, 256, 512, 512),
                          down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4, **_GOOGLE),
-    "fashion-32": dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(64, 128, 128),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                       norm_num_groups=32, attention_head_dim=8),
+    "fashion-32": dict(sample_size=32, in_channels=1, out_channels=1, **MODEL_SIZES["small"]),
 }
 """``cifar10-32``: google/ddpm-cifar10-32; ``celebahq-256``: google/ddpm-celebahq-256 (and the other 256² google
 DDPMs); ``fashion-32``: the shipped Fashion-MNIST prior."""
