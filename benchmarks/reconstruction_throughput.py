@@ -21,12 +21,15 @@ import torch
 from bench_common import (ARCHS, build_arch, device_name, flops_per_image_step, header, measured_matmul_tflops,
                           quiet_diffusers, spec_peak_tflops, timed, write_json)
 
-from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.prior import DiffusionPrior, default_batch_size
 from opacus_dmaudit.reverse_process import FastPathConfig
 
 VARIANTS = {
     "fp32 eager": FastPathConfig.eager(),
-    "fp32 + compile": FastPathConfig(precision="fp32", channels_last=False, compile=True, cuda_graphs=False),
+    "fp32 + channels_last (CPU default)": FastPathConfig(precision="fp32", channels_last=True, compile=False,
+                                                         cuda_graphs=False),
+    "fp32 + channels_last + compile": FastPathConfig(precision="fp32", channels_last=True, compile=True,
+                                                     cuda_graphs=False),
     "bf16": FastPathConfig.eager(precision="bf16"),
     "bf16 + channels_last": FastPathConfig(precision="bf16", channels_last=True, compile=False, cuda_graphs=False),
     "bf16 + cuda_graphs (DMAuditor's prior)": FastPathConfig(compile=False),
@@ -36,7 +39,7 @@ VARIANTS = {
     "bf16 + channels_last + compile(max-autotune) + cuda_graphs": FastPathConfig(
         compile_mode="max-autotune-no-cudagraphs"),
 }
-CPU_VARIANTS = ("fp32 eager", "fp32 + compile")
+CPU_VARIANTS = ("fp32 eager", "fp32 + channels_last (CPU default)", "fp32 + channels_last + compile")
 # Uncompiled ones first: a compile that overruns the time limit then costs only the rows after it.
 CUDA_DEFAULT_VARIANTS = ("bf16", "bf16 + channels_last", "bf16 + cuda_graphs (DMAuditor's prior)",
                          "bf16 + channels_last + compile", "bf16 + channels_last + compile + cuda_graphs (default)")
@@ -93,10 +96,11 @@ def main() -> None:
     quiet_diffusers()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=tuple(ARCHS), default="cifar10-32")
-    parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA (32 at 256²), 8 on CPU")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="default: the product's (prior.default_batch_size: 256 on CUDA, 32 on CPU at 32²)")
     parser.add_argument("--steps", type=int, default=None, help="steps timed (default: 50 on CUDA, 4 on CPU)")
     parser.add_argument("--variants", nargs="*", choices=tuple(VARIANTS), default=None,
-                        help="default: fp32 eager and fp32 + compile on CPU; the bf16 ones but max-autotune on CUDA")
+                        help="default: the fp32 ones on CPU; the bf16 ones but max-autotune on CUDA")
     parser.add_argument("--no-compile", action="store_true", help="only the variants that do not compile")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its convolution algorithms (every row, naive included)")
@@ -108,7 +112,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     spec = ARCHS[args.arch]
-    batch = args.batch or ((32 if spec["sample_size"] > 64 else 256) if cuda else 8)
+    batch = args.batch or default_batch_size(device, spec["sample_size"])
     steps = args.steps or (50 if cuda else 4)
     variants = args.variants or (CUDA_DEFAULT_VARIANTS if cuda else CPU_VARIANTS)
     if args.no_compile:

@@ -137,7 +137,7 @@ class DMAuditor:
         device: where the prior runs (default: CUDA when available).
         fast_path: speed options of a prior the auditor loads. Default: bf16 and CUDA graphs on CUDA, without
             torch.compile (compiling would block the start of training), and so without channels_last, which pays
-            only with the compiler's GroupNorm. With ``compile=True`` (here or in a given prior) the auditor
+            on CUDA only with the compiler's GroupNorm; fp32 and channels_last on CPU. With ``compile=True`` (here or in a given prior) the auditor
             compiles at creation, on the calling thread; either way the prior is then frozen: the audit worker
             never enters the compiler, whose RNG save-and-restore would rewind the training thread's random
             numbers (DP-SGD noise among them).

@@ -30,6 +30,7 @@ __all__ = [
     "shipped_prior_path",
     "DiffusionPrior",
     "ReconstructionOutput",
+    "default_batch_size",
     "noise_std_to_model_sigma",
     "image_seeds",
 ]
@@ -73,6 +74,15 @@ def shipped_prior_path(name: str) -> Path:
     if not (path / "unet" / "config.json").is_file():
         raise PriorLoadError(f"the shipped prior {name!r} is missing from {path}; reinstall opacus-dmaudit")
     return path
+
+
+def default_batch_size(device: torch.device | str, resolution: int) -> int:
+    """Images per UNet call when none is given: 256 on CUDA and 32 on CPU up to 64×64 images, then fewer so that
+    activations stay about the size they are at 32 images of 256×256 (CUDA) or 4 (CPU), e.g. 128 at 128×128 on
+    CUDA. One forward pass of the google/ddpm-celebahq-256 architecture peaks at about 0.4 GB per image in fp32
+    (measured on CPU), so a flat 256 would need about 100 GB there."""
+    cap, pixels = (256, 2**21) if torch.device(device).type == "cuda" else (32, 2**18)
+    return max(1, min(cap, pixels // resolution**2))
 
 
 def noise_std_to_model_sigma(noise_std: torch.Tensor | float, *, gain: float = 1.0) -> torch.Tensor:
@@ -121,7 +131,7 @@ class DiffusionPrior:
         device: where to run; defaults to CUDA when available.
         clip_sample: clamp the predicted ``x_0`` to ``[-1, 1]`` at each step (as diffusers' DDPM default).
         fast_path: speed options (bf16, channels_last, torch.compile, CUDA graphs); by default all of them on
-            CUDA (channels_last only with compile) and none on CPU. See
+            CUDA (channels_last only with compile) and only channels_last on CPU. See
             :class:`~opacus_dmaudit.reverse_process.FastPathConfig`.
     """
 
@@ -240,12 +250,8 @@ class DiffusionPrior:
     # ------------------------------------------------------------------ reconstruction
     @property
     def default_batch_size(self) -> int:
-        """Images per UNet call when none is given: 256 on CUDA and 32 on CPU up to 64×64 images, then fewer so that
-        activations stay about the size they are at 32 images of 256×256 (CUDA) or 4 (CPU), e.g. 128 at 128×128
-        on CUDA. One forward pass of the google/ddpm-celebahq-256 architecture peaks at about 0.4 GB per image in
-        fp32 (measured on CPU), so a flat 256 would need about 100 GB there."""
-        cap, pixels = (256, 2**21) if self.device.type == "cuda" else (32, 2**18)
-        return max(1, min(cap, pixels // self.resolution**2))
+        """Images per UNet call when none is given (:func:`default_batch_size` of this prior's device and size)."""
+        return default_batch_size(self.device, self.resolution)
 
     @torch.no_grad()
     def reconstruct(

@@ -54,10 +54,12 @@ class FastPathConfig:
 
     Attributes:
         precision: "bf16" (autocast of the UNet; the update stays fp32) or "fp32". Default: bf16 on CUDA.
-        channels_last: NHWC layout for the UNet's convolutions. Default: on where ``compile`` is (on CUDA). Eager
-            CUDA GroupNorm computes in NCHW (``native_group_norm`` makes its input contiguous on every device but
-            the CPU), so uncompiled, every GroupNorm → conv pair would transpose the activation twice; inductor
-            lowers GroupNorm itself and keeps the layout.
+        channels_last: NHWC layout for the UNet's convolutions. Default: on the CPU, and elsewhere where
+            ``compile`` is (on CUDA). Eager CUDA GroupNorm computes in NCHW (``native_group_norm`` makes its input
+            contiguous on every device but the CPU), so uncompiled, every GroupNorm → conv pair would transpose the
+            activation twice; inductor lowers GroupNorm itself and keeps the layout. The CPU's GroupNorm keeps
+            NHWC, and oneDNN's convolutions run faster in it (on a 2-core x86-64, 7 to 8% per call of the shipped
+            prior's UNet, alternating runs at batch 8 and 32; 5 to 12% in ``reconstruction_throughput.py`` runs).
         compile: ``torch.compile`` the step (UNet and scheduler update together). Default: on CUDA. Falls back
             to eager, with a warning, when compiling fails or disagrees with eager.
         cuda_graphs: replay each fixed-shape step as a CUDA graph (needs CUDA). Default: on CUDA.
@@ -92,7 +94,7 @@ class FastPathConfig:
         return replace(
             self,
             precision=self.precision or ("bf16" if cuda else "fp32"),
-            channels_last=(cuda and compile) if self.channels_last is None else self.channels_last,
+            channels_last=(compile or device.type == "cpu") if self.channels_last is None else self.channels_last,
             compile=compile,
             cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs,
         )

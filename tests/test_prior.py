@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from opacus_dmaudit.prior import DiffusionPrior, PriorLoadError
+from opacus_dmaudit.prior import DiffusionPrior, PriorLoadError, default_batch_size
 
 
 def test_t_star_matches_hand_computed_table(tiny_prior_dir):
@@ -96,3 +96,5 @@ def test_default_batch_size_shrinks_with_the_image_size(resolution, expected):
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=2)
     prior = DiffusionPrior(unet, alphas_cumprod=DDPMScheduler().alphas_cumprod, device="cpu")
     assert prior.resolution == resolution and prior.default_batch_size == expected
+    # The same rule on CUDA (computed, no device needed): 256 up to 64×64, 32 at 256×256.
+    assert default_batch_size("cuda", resolution) == {16: 256, 64: 256, 128: 128, 256: 32}[resolution]

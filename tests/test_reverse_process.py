@@ -79,7 +79,8 @@ def test_bucket_sizes_are_few_and_cover_the_batch():
 
 def test_fast_path_config_resolves_per_device_and_rejects_bad_options():
     cpu = FastPathConfig().resolve(torch.device("cpu"))
-    assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == ("fp32", False, False, False)
+    assert (cpu.precision, cpu.channels_last, cpu.compile, cpu.cuda_graphs) == ("fp32", True, False, False)
+    assert not FastPathConfig(channels_last=False).resolve(torch.device("cpu")).channels_last
     cuda = FastPathConfig().resolve(torch.device("cuda"))
     assert (cuda.precision, cuda.channels_last, cuda.compile, cuda.cuda_graphs) == ("bf16", True, True, True)
     # Uncompiled, NHWC would only add GroupNorm's transposes on CUDA; asked for explicitly, it is kept.
@@ -116,7 +117,7 @@ def test_compiled_step_matches_eager_on_cpu(tiny_prior_dir, fashion_images):
     compiled = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu",
                                               fast_path=FastPathConfig(compile=True, min_bucket=4))
     out = compiled.reconstruct(noisy, 0.2, steps=3, batch_size=4)
-    assert out.fast_path == "fp32 + compile" and out.notes == []
+    assert out.fast_path == "fp32 + channels_last + compile" and out.notes == []
     torch.testing.assert_close(out.images, eager.images, atol=1e-4, rtol=0)
 
 
@@ -127,7 +128,7 @@ def test_a_compile_failure_falls_back_to_eager_with_a_warning(tiny_prior_dir, fa
                                             fast_path=FastPathConfig(compile=True, compile_mode="no-such-mode"))
     with pytest.warns(RuntimeWarning, match="compile switched off.*no-such-mode"):
         out = broken.reconstruct(noisy, 0.2, steps=3)
-    assert out.fast_path == "fp32" and "compile switched off" in out.notes[0]
+    assert out.fast_path == "fp32 + channels_last" and "compile switched off" in out.notes[0]
     torch.testing.assert_close(out.images, eager.images, atol=0, rtol=0)
 
 
