@@ -2,6 +2,9 @@
 
 import json
 import logging
+import os
+import sys
+import threading
 import time
 import warnings
 
@@ -219,6 +222,25 @@ def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_pr
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", mode="offline")
     with pytest.raises(ValueError, match="every"):
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", every=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a per-thread nice value is Linux's")
+def test_the_worker_thread_runs_at_a_lower_priority_and_training_does_not(tmp_path, tiny_prior_dir):
+    main = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, main)
+    for niceness in (5, 0):
+        auditor = DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / f"n{niceness}", worker_niceness=niceness)
+        worker = auditor._worker.native_id
+        expected = min(19, before + niceness)
+        deadline = time.monotonic() + 10  # the worker lowers its own priority first thing
+        while os.getpriority(os.PRIO_PROCESS, worker) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, worker) == expected
+        assert os.getpriority(os.PRIO_PROCESS, main) == before
+        auditor.close()
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="worker_niceness must be between 0 and 19"):
+            DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", worker_niceness=bad)
 
 
 def test_make_private_with_epsilon_and_attach(tmp_path, fashion_images, tiny_prior_dir):
