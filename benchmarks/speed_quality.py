@@ -1,8 +1,9 @@
 """What each speed option costs in reconstruction quality: PSNR / SSIM of the shipped prior on real images, one run.
 
 Rows: the reference (fp32, eager, DDIM-50, or the first sampler asked for), then fewer DDIM steps, DDPM, and the
-other speed options (``--paths``; bf16 also on CPU) with each sampler. Every row reconstructs the same noisy Fashion-MNIST test images (same noise, same
-seeds) and is scored against the originals on the 28×28 crop; ``delta_*`` is the change from the reference row.
+other speed options (``--paths``; bf16 also on CPU) with each sampler. Every row reconstructs the same noisy
+Fashion-MNIST test images (same noise, same seeds) and is scored against the originals on the 28×28 crop;
+``delta_*`` is the change from the reference row.
 
     python benchmarks/speed_quality.py --images 256 --noise-std 0.2 0.8 --json out.json
 """

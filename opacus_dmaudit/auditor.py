@@ -139,10 +139,10 @@ class DMAuditor:
         device: where the prior runs (default: CUDA when available).
         fast_path: speed options of a prior the auditor loads. Default: bf16 and CUDA graphs on CUDA, without
             torch.compile (compiling would block the start of training), and so without channels_last, which pays
-            on CUDA only with the compiler's GroupNorm; fp32 and channels_last on CPU. With ``compile=True`` (here or in a given prior) the auditor
-            compiles at creation, on the calling thread; either way the prior is then frozen: the audit worker
-            never enters the compiler, whose RNG save-and-restore would rewind the training thread's random
-            numbers (DP-SGD noise among them).
+            on CUDA only with the compiler's GroupNorm; fp32 and channels_last on CPU. With ``compile=True`` (here
+            or in a given prior) the auditor compiles at creation, on the calling thread; either way the prior is
+            then frozen: the audit worker never enters the compiler, whose RNG save-and-restore would rewind the
+            training thread's random numbers (DP-SGD noise among them).
         log_originals: include original training images in the grids.
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
         calibration_images: model inputs to calibrate the bins on (default: the training data).
@@ -446,13 +446,17 @@ class DMAuditor:
         count = min(self.bins, self.max_reconstructions or self.bins)
         return bucket_size(count, batch_size=self.prior.default_batch_size, min_bucket=8)
 
+    @property
+    def _pass_shape(self) -> tuple[int, int, int, int]:
+        """The N×C×H×W input of one pass of the prior, compiled at creation and captured by the worker."""
+        return (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
+
     def _prepare_prior(self) -> None:
         """On the creating thread: compile (if configured) for one pass's shape, then freeze the prior."""
         process = self.prior.reverse_process
         if process.config.compile and not process.frozen:
             started = time.perf_counter()
-            process.prepare((self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution),
-                            batch_size=self.pass_size)
+            process.prepare(self._pass_shape, batch_size=self.pass_size)
             self.compile_seconds = time.perf_counter() - started
         process.freeze()
 
@@ -466,10 +470,9 @@ class DMAuditor:
         if not self.prior.reverse_process.fast:
             return
         started = time.perf_counter()
-        shape = (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
         try:
             with self._worker_stream():
-                self.prior.reconstruct(torch.zeros(shape), 0.5, steps=2, batch_size=self.pass_size)
+                self.prior.reconstruct(torch.zeros(self._pass_shape), 0.5, steps=2, batch_size=self.pass_size)
         except Exception:  # the audits themselves will report what is wrong
             logger.warning("opacus_dmaudit: warming up the prior failed", exc_info=True)
             return

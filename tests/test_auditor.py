@@ -169,8 +169,6 @@ def test_waiting_audits_share_a_pass_of_the_prior_without_changing_results(tmp_p
 def test_a_compiled_prior_compiles_at_creation_and_never_in_the_worker(tmp_path, fashion_images, tiny_prior_dir):
     """torch.compile restores the global RNG after tracing, which would rewind the training thread's random numbers
     (DP-SGD noise among them) if it ran on the audit worker during training."""
-    import threading
-
     from opacus_dmaudit.prior import DiffusionPrior
     from opacus_dmaudit.reverse_process import FastPathConfig
 
