@@ -422,7 +422,7 @@ class ReverseProcess:
         step = self._compiled_step() if compiled else self.step
         key = (tuple(x.shape), x.dtype, compiled)
         if key not in self._checked:
-            self._check(step, x, timesteps[0], coefficients[0], noise, generator=generator, stochastic=plan.stochastic)
+            self._check(step, x, timesteps[0], coefficients[0], noise, stochastic=plan.stochastic)
             self._checked.add(key)
         if compiled:
             self._compiled_sizes.add(size)
@@ -457,11 +457,14 @@ class ReverseProcess:
             self._compiled = call
         return self._compiled
 
-    def _check(self, step, x, t, coefficients, noise, *, generator, stochastic: bool) -> None:
+    def _check(self, step, x, t, coefficients, noise, *, stochastic: bool) -> None:
         """The first compiled step of each shape must agree with the eager step on the same input."""
         if step is self.step:
             return
-        probe = noise if not stochastic else torch.randn(x.shape, generator=generator, device=self.device)
+        # The probe's noise has its own generator: drawing it from the caller's would shift every later draw, so a
+        # seeded DDPM run would differ between the first call of a shape and the next.
+        probe = noise if not stochastic else torch.randn(
+            x.shape, generator=torch.Generator(device=self.device).manual_seed(0), device=self.device)
         fast = step(x, t, coefficients, probe.contiguous(memory_format=_layout(x)))
         reference = self.step(x, t, coefficients, probe.contiguous(memory_format=_layout(x)))
         error = float((fast - reference).abs().max())

@@ -200,6 +200,11 @@ def test_a_compiled_process_pads_to_a_size_it_has_compiled_rather_than_compile_a
     unet, abar = _unet(), DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
     process = ReverseProcess(unet, prediction_type="epsilon", clip_sample=True, channels=1,
                              device=torch.device("cpu"), config=FastPathConfig(compile=True))
+    # A seeded DDPM run is the same on the call that compiles and checks the shape as on the next one.
+    ddpm = plan_ddpm(torch.tensor([6] * 10 + [3] * 10), alphas_cumprod=abar)
+    x = torch.randn(20, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    first, second = (process.run(x, ddpm, generator=torch.Generator().manual_seed(1), batch_size=32) for _ in "12")
+    assert torch.equal(first, second)
     for count in (20, 5):  # buckets 32 and 8: the 5 images ride in the compiled 32
         plan = plan_ddim(torch.full((count,), 60), steps=2, alphas_cumprod=abar)
         x = torch.randn(count, 1, 16, 16, generator=torch.Generator().manual_seed(count))
