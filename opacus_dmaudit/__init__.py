@@ -15,7 +15,7 @@ from opacus_dmaudit.metrics import ImageMetrics, lpips_distance, lpips_status, m
 from opacus_dmaudit.noise import add_gaussian_noise, estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, PriorLoadError, ReconstructionOutput
 from opacus_dmaudit.recovery import RecoveredImages, recover_images
-from opacus_dmaudit.reverse_process import FastPathConfig
+from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
 from opacus_dmaudit.training import PriorTrainingConfig, train_prior
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "ReconstructionOutput",
     "adapt_to_prior",
     "add_gaussian_noise",
+    "cuda_graphs_leave_default_generator_alone",
     "denormalize",
     "estimate_noise_std",
     "evaluate_prior",

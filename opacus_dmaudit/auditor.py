@@ -42,7 +42,7 @@ from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
-from opacus_dmaudit.reverse_process import FastPathConfig, bucket_size
+from opacus_dmaudit.reverse_process import FastPathConfig, bucket_size, cuda_graphs_leave_default_generator_alone
 from opacus_dmaudit.recovery import SCALES, recover_images
 from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
 from opacus_dmaudit.report import AuditLogWriter
@@ -140,9 +140,12 @@ class DMAuditor:
         fast_path: speed options of a prior the auditor loads. Default: bf16 and CUDA graphs on CUDA, without
             torch.compile (compiling would block the start of training), and so without channels_last, which pays
             on CUDA only with the compiler's GroupNorm; fp32 and channels_last on CPU. With ``compile=True`` (here
-            or in a given prior) the auditor compiles at creation, on the calling thread; either way the prior is
-            then frozen: the audit worker never enters the compiler, whose RNG save-and-restore would rewind the
-            training thread's random numbers (DP-SGD noise among them).
+            or in a given prior) the auditor compiles and captures at creation, on the calling thread; either way
+            the prior is then frozen: the audit worker never enters the compiler, whose RNG save-and-restore would
+            rewind the training thread's random numbers (DP-SGD noise among them), and runs compiled code only
+            inside CUDA graphs, so without graphs compile is switched off (with a warning). Before torch 2.14
+            CUDA graphs are switched off too (with a warning): there every graph is tied to the default CUDA
+            generator that DP-SGD's noise comes from (``cuda_graphs_leave_default_generator_alone``).
         log_originals: include original training images in the grids.
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
         calibration_images: model inputs to calibrate the bins on (default: the training data).
@@ -452,8 +455,18 @@ class DMAuditor:
         return (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
 
     def _prepare_prior(self) -> None:
-        """On the creating thread: compile (if configured) for one pass's shape, then freeze the prior."""
+        """On the creating thread, before training: switch off what the worker may not run beside training, compile
+        (and capture) one pass's shape where compiled code will run, then freeze the prior."""
         process = self.prior.reverse_process
+        if process.config.cuda_graphs and not cuda_graphs_leave_default_generator_alone():
+            process.switch_off("cuda_graphs", reason=(
+                f"torch {torch.__version__} ties every CUDA graph to the default CUDA generator, which DP-SGD's noise "
+                "comes from, so the audit worker must not capture or replay one beside training; torch >= 2.14 "
+                "does not"))
+        if process.config.compile and not process.config.cuda_graphs:
+            # Frozen, the process runs compiled code only inside graphs captured before training (a call outside one
+            # could recompile on the worker): without graphs, compiling would only delay training.
+            process.switch_off("compile", reason="the audit worker runs compiled code only inside CUDA graphs")
         if process.config.compile and not process.frozen:
             started = time.perf_counter()
             process.prepare(self._pass_shape, batch_size=self.pass_size)

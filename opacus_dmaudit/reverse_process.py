@@ -24,7 +24,8 @@ Next to a training loop that would repeat DP-SGD noise. Code that reconstructs n
 :meth:`ReverseProcess.prepare` on the training thread before training and :meth:`ReverseProcess.freeze` after it:
 a frozen process never enters the compiler again. It replays the CUDA graphs captured while preparing, and any
 shape it was not prepared for runs the uncompiled step. CUDA graph capture itself draws nothing and is
-thread-local, so it may happen on any thread.
+thread-local, but before torch 2.14 every graph is tied to the default CUDA generator, which DP-SGD's noise comes
+from (:func:`cuda_graphs_leave_default_generator_alone`): code next to training on an older torch runs no graphs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["FastPathConfig", "ReversePlan", "ReverseStep", "ReverseProcess", "plan_ddim", "plan_ddpm",
-           "bucket_size"]
+           "bucket_size", "cuda_graphs_leave_default_generator_alone"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,21 @@ def bucket_size(count: int, *, batch_size: int, min_bucket: int) -> int:
     return min(batch_size, max(min_bucket, 1 << math.ceil(math.log2(max(count, 1)))))
 
 
+def cuda_graphs_leave_default_generator_alone() -> bool:
+    """Whether capturing and replaying a CUDA graph that draws no random numbers leaves the default CUDA generator
+    alone, so that another thread (a training loop) may draw from it meanwhile.
+
+    Up to torch 2.11 every capture registers the device's default generator with the graph and flags that generator
+    as capturing (pytorch/pytorch#172390): a draw from it on another thread during the capture fails ("Offset
+    increment outside graph capture encountered unexpectedly"), and every replay rewrites the generator's offset
+    without taking its lock, so a draw on another thread at that moment can lose its increment and a later draw
+    repeat its random numbers. 2.12 and 2.13 keep the state per capture but still register generators up front; from
+    2.14 a generator joins a graph only when the capture draws from it (pytorch/pytorch#176753; seen in the wheels'
+    headers and in inductor, which stopped registering generators in 2.14).
+    """
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
+
+
 class _CaptureError(RuntimeError):
     """A CUDA graph capture failed (the step itself ran)."""
 
@@ -359,7 +375,10 @@ class ReverseProcess:
         parts += [name for name in ("channels_last", "compile", "cuda_graphs") if getattr(self.config, name)]
         return " + ".join(parts)
 
-    def _fall_back(self, option: str, reason: str) -> None:
+    def switch_off(self, option: str, *, reason: str) -> None:
+        """Run without ``option`` ("compile" or "cuda_graphs") from now on; warns, and says why in :attr:`fallbacks`."""
+        if option not in ("compile", "cuda_graphs"):
+            raise ValueError(f"only 'compile' or 'cuda_graphs' can be switched off, got {option!r}")
         message = f"opacus_dmaudit: {option} switched off ({reason}); the reverse process runs without it"
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         self.fallbacks.append(message)
@@ -393,8 +412,8 @@ class ReverseProcess:
                 cause = exc.__cause__ if isinstance(exc, _CaptureError) else exc
                 reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
                 # A failed capture costs the graphs alone; anything else is the compiler's.
-                self._fall_back("cuda_graphs" if isinstance(exc, _CaptureError) or not self.config.compile
-                                else "compile", reason)
+                self.switch_off("cuda_graphs" if isinstance(exc, _CaptureError) or not self.config.compile
+                                else "compile", reason=reason)
         return self._run_eager(x, plan, generator=generator)
 
     def _run_eager(self, x: torch.Tensor, plan: ReversePlan, *, generator) -> torch.Tensor:

@@ -220,3 +220,15 @@ def test_reverse_process_rejects_a_plan_of_another_batch():
     plan = plan_ddim(torch.tensor([10, 10]), steps=2, alphas_cumprod=DDPMScheduler().alphas_cumprod)
     with pytest.raises(ValueError, match="plan for 2 images"):
         process.run(torch.zeros(3, 1, 16, 16), plan, generator=None, batch_size=4)
+
+
+@pytest.mark.parametrize("version, alone", [("2.11.0+cu130", False), ("2.13.0", False), ("2.14.0a0+git5f1c", False),
+                                            ("2.14.1+cu130", True), ("2.15.0", True)])
+def test_cuda_graphs_are_safe_beside_training_from_torch_2_14(monkeypatch, version, alone):
+    """Up to 2.13 every CUDA graph is tied to the default CUDA generator (the version gate the auditor reads)."""
+    from torch.torch_version import TorchVersion
+
+    from opacus_dmaudit.reverse_process import cuda_graphs_leave_default_generator_alone
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    assert cuda_graphs_leave_default_generator_alone() is alone
