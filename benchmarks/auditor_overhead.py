@@ -82,7 +82,7 @@ def run(variant: str, *, images, labels, args, device) -> dict:
                       audit_seconds_mean=statistics.mean(r.seconds for r in auditor.records) if auditor.records else None,
                       drain_seconds_after_training=time.perf_counter() - waited,
                       prior_fast_path=auditor.prior.reverse_process.describe() if auditor.prior else None,
-                      warm_up_seconds=auditor.warm_up_seconds, compile_seconds=auditor.compile_seconds)
+                      prepare_seconds=auditor.prepare_seconds)
     return result
 
 
@@ -121,8 +121,9 @@ def main() -> None:
                      f"{row['capture_ms_per_audit']:.3f} ms = {row['capture_pct_of_step']:.2f}% of a step) | audits "
                      f"{row['audits']} ({row['dropped']} dropped), {row['audit_seconds_mean'] or 0:.2f} s each")
         print(f"  {row['variant']:<25} {row['ms_per_step']:8.2f} ms/step  x{row['step_time_ratio']:.3f}{extra}")
-        if row.get("warm_up_seconds") is not None:
-            print(f"      prior {row['prior_fast_path']}: worker warm-up (graph capture) {row['warm_up_seconds']:.2f} s")
+        if row.get("prepare_seconds") is not None:
+            print(f"      prior {row['prior_fast_path']}: prepared (compile, graph capture) at creation, on the "
+                  f"training thread before training, in {row['prepare_seconds']:.2f} s")
     write_json(args.json, {"benchmark": "auditor_overhead", **header(device), "args": vars(args), "rows": rows})
 
 

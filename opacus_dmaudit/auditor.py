@@ -227,7 +227,7 @@ class DMAuditor:
         self.batch_audits = int(batch_audits)
         self.worker_niceness = int(worker_niceness)
         self.log_originals = log_originals
-        self.compile_seconds: float | None = None  # compiling the prior at creation (compile=True only)
+        self.prepare_seconds: float | None = None  # compiling / capturing the prior's step at creation, if it has any
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
         self.active = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                            and torch.distributed.get_rank() != 0)
@@ -248,7 +248,6 @@ class DMAuditor:
         self.dropped = 0
         self.errors = 0
         self._hook_seconds = 0.0  # training-thread time in the auditor's own hooks (the capture counts its own)
-        self.warm_up_seconds: float | None = None  # the worker's graph-capture warm-up, if the prior has a fast path
         self.block: ImprintBlock | None = None
         self._block_copy: ImprintBlock | None = None
         self._engine = privacy_engine
@@ -451,12 +450,12 @@ class DMAuditor:
 
     @property
     def _pass_shape(self) -> tuple[int, int, int, int]:
-        """The N×C×H×W input of one pass of the prior, compiled at creation and captured by the worker."""
+        """The N×C×H×W input of one pass of the prior, compiled (if configured) and captured at creation."""
         return (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
 
     def _prepare_prior(self) -> None:
         """On the creating thread, before training: switch off what the worker may not run beside training, compile
-        (and capture) one pass's shape where compiled code will run, then freeze the prior."""
+        (if configured) and capture one pass's shape, then freeze the prior, so the worker only ever replays."""
         process = self.prior.reverse_process
         if process.config.cuda_graphs and not cuda_graphs_leave_default_generator_alone():
             process.switch_off("cuda_graphs", reason=(
@@ -467,29 +466,15 @@ class DMAuditor:
             # Frozen, the process runs compiled code only inside graphs captured before training (a call outside one
             # could recompile on the worker): without graphs, compiling would only delay training.
             process.switch_off("compile", reason="the audit worker runs compiled code only inside CUDA graphs")
-        if process.config.compile and not process.frozen:
+        if process.config.cuda_graphs and not process.frozen:
             started = time.perf_counter()
             process.prepare(self._pass_shape, batch_size=self.pass_size)
-            self.compile_seconds = time.perf_counter() - started
+            self.prepare_seconds = time.perf_counter() - started
         process.freeze()
 
     def _worker_stream(self) -> contextlib.AbstractContextManager:
         """The worker's own CUDA stream, so its kernels queue beside training's rather than behind them."""
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-
-    def _warm_up(self) -> None:
-        """Capture the prior's CUDA graphs for one pass before the first audit arrives (on the worker, while training
-        starts; capturing draws no random numbers). Nothing to do where the prior runs eagerly."""
-        if not self.prior.reverse_process.fast:
-            return
-        started = time.perf_counter()
-        try:
-            with self._worker_stream():
-                self.prior.reconstruct(torch.zeros(self._pass_shape), 0.5, steps=2, batch_size=self.pass_size)
-        except Exception:  # the audits themselves will report what is wrong
-            logger.warning("opacus_dmaudit: warming up the prior failed", exc_info=True)
-            return
-        self.warm_up_seconds = time.perf_counter() - started
 
     def _lower_worker_priority(self) -> None:
         """Raise this (worker) thread's nice value before it starts any thread of its own, so they inherit it."""
@@ -505,7 +490,6 @@ class DMAuditor:
 
     def _work(self) -> None:
         self._lower_worker_priority()
-        self._warm_up()
         while True:
             jobs = [self._queue.get()]
             # Audits that queued up while the last pass ran share the next pass of the prior.

@@ -20,12 +20,13 @@ output disagrees with the eager step, falls back to eager with a warning: speed 
 
 Threads: while ``torch.compile`` traces, it saves the process's global RNG state and restores it when done, so any
 random numbers another thread drew meanwhile are drawn again afterwards (``benchmarks/compile_rng_hazard.py``).
-Next to a training loop that would repeat DP-SGD noise. Code that reconstructs next to training therefore calls
+Next to a training loop that would repeat DP-SGD noise. And before torch 2.14 every CUDA graph capture and replay
+touches the default CUDA generator, which DP-SGD's noise comes from
+(:func:`cuda_graphs_leave_default_generator_alone`). Code that reconstructs next to training therefore calls
 :meth:`ReverseProcess.prepare` on the training thread before training and :meth:`ReverseProcess.freeze` after it:
-a frozen process never enters the compiler again. It replays the CUDA graphs captured while preparing, and any
-shape it was not prepared for runs the uncompiled step. CUDA graph capture itself draws nothing and is
-thread-local, but before torch 2.14 every graph is tied to the default CUDA generator, which DP-SGD's noise comes
-from (:func:`cuda_graphs_leave_default_generator_alone`): code next to training on an older torch runs no graphs.
+a frozen process never compiles or captures again. It replays the CUDA graphs captured while preparing (a batch
+padded up to the smallest that holds it), and runs the uncompiled step eagerly where none does; on an older torch
+such code runs no graphs at all.
 """
 
 from __future__ import annotations
@@ -336,6 +337,8 @@ class ReverseProcess:
         self._compiled_sizes: set[int] = set()  # padded batch sizes the compiled step has been built for
         self.compiled_threads: set[int] = set()
         """Idents of the threads that have called the compiled step (for checks that none is a worker)."""
+        self.captured_threads: set[int] = set()
+        """Idents of the threads that have captured a CUDA graph (likewise)."""
         self._lock = threading.Lock()
         self.fallbacks: list[str] = []
         """Why a speed option was switched off (empty while every configured option runs)."""
@@ -343,8 +346,8 @@ class ReverseProcess:
     @property
     def fast(self) -> bool:
         """Whether steps run compiled or as graphs (padded fixed shapes) rather than eagerly (sliced)."""
-        if self._frozen:  # compiled code runs only inside graphs then, so without graphs nothing gains from padding
-            return bool(self.config.cuda_graphs)
+        if self._frozen:  # only the graphs captured before freezing run then (compiled code too runs only in them)
+            return bool(self.config.cuda_graphs and self._graphs)
         return bool(self.config.compile or self.config.cuda_graphs)
 
     @property
@@ -353,7 +356,7 @@ class ReverseProcess:
         return self._frozen
 
     def freeze(self) -> None:
-        """Never enter ``torch.compile`` again: replay prepared graphs, run the uncompiled step otherwise."""
+        """Never compile or capture again: replay the prepared graphs, run the uncompiled step eagerly otherwise."""
         self._frozen = True
 
     @torch.no_grad()
@@ -397,7 +400,11 @@ class ReverseProcess:
             x = x.contiguous(memory_format=torch.channels_last)
         while self.fast:
             size = bucket_size(x.shape[0], batch_size=batch_size, min_bucket=self.config.min_bucket)
-            if self.config.compile:
+            if self._frozen:
+                size = self._prepared_size(x)
+                if size is None:  # no graph holds this batch, and capturing one now is what freezing rules out
+                    break
+            elif self.config.compile:
                 # Pad up to a size already compiled where one fits: a compile costs seconds to minutes, the time of
                 # thousands of image-steps (and once frozen, any other size would run uncompiled).
                 size = min((p for p in self._compiled_sizes if p >= x.shape[0]), default=size)
@@ -415,6 +422,11 @@ class ReverseProcess:
                 self.switch_off("cuda_graphs" if isinstance(exc, _CaptureError) or not self.config.compile
                                 else "compile", reason=reason)
         return self._run_eager(x, plan, generator=generator)
+
+    def _prepared_size(self, x: torch.Tensor) -> int | None:
+        """The smallest batch a graph was captured for that holds ``x``'s images, or None."""
+        return min((shape[0] for shape, _, _ in self._graphs
+                    if shape[1:] == tuple(x.shape[1:]) and shape[0] >= x.shape[0]), default=None)
 
     def _run_eager(self, x: torch.Tensor, plan: ReversePlan, *, generator) -> torch.Tensor:
         timesteps = plan.timesteps.to(self.device)
@@ -448,11 +460,14 @@ class ReverseProcess:
         if self.config.cuda_graphs:
             graphed = self._graphs.get(key)
             if graphed is None:
+                if self._frozen:
+                    raise RuntimeError(f"no CUDA graph was captured for {key} before freezing")
                 try:
                     graphed = _GraphedStep(step, x, timesteps[0], coefficients[0], noise)
                 except Exception as exc:
                     raise _CaptureError("CUDA graph capture failed") from exc
                 self._graphs[key] = graphed
+                self.captured_threads.add(threading.get_ident())
             graphed.x.copy_(x)
             for j in range(plan.num_steps):
                 if plan.stochastic:

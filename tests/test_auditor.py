@@ -179,7 +179,7 @@ def test_a_compiled_prior_never_compiles_in_the_worker(tmp_path, fashion_images,
         _, auditor, _ = train(fashion_images, steps=10, auditor_kwargs=audit_kwargs(tmp_path, prior, steps=2))
     assert auditor.errors == 0 and len(auditor.records) == 2
     process = prior.reverse_process
-    assert auditor.compile_seconds is None and process.frozen and process.compiled_threads == set()
+    assert auditor.prepare_seconds is None and process.frozen and process.compiled_threads == set()
     assert process.describe() == "fp32 + channels_last" and len(process.fallbacks) == 1
     assert all(any("compile switched off" in note for note in r.notes) for r in auditor.records)
     assert all(r.reconstructed["psnr"] > 0 for r in auditor.records)
@@ -223,7 +223,9 @@ def test_the_worker_reconstructs_on_cuda_next_to_training_and_leaves_its_generat
     graphs = cuda_graphs_leave_default_generator_alone()  # before torch 2.14 the worker must not run graphs
     assert process.describe() == ("bf16 + cuda_graphs" if graphs else "bf16"), process.fallbacks
     assert len(process.fallbacks) == (0 if graphs else 1) and process.compiled_threads == set()
-    assert (auditor.warm_up_seconds is not None) == graphs
+    # Graphs are captured at creation, on this thread, before training: the worker only replays them.
+    assert (auditor.prepare_seconds is not None) == graphs
+    assert process.captured_threads == ({threading.get_ident()} if graphs else set())
     assert all(r.reconstructed["psnr"] > r.noisy["psnr"] for r in auditor.records)
     if mode == "shadow":  # inline's imprint rows are the user's model's parameters too: they draw noise of their own
         # Every DP-SGD noise draw moved the default generator exactly as it does without an auditor: none failed,
