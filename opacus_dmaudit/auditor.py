@@ -139,13 +139,14 @@ class DMAuditor:
         device: where the prior runs (default: CUDA when available).
         fast_path: speed options of a prior the auditor loads. Default: bf16 and CUDA graphs on CUDA, without
             torch.compile (compiling would block the start of training), and so without channels_last, which pays
-            on CUDA only with the compiler's GroupNorm; fp32 and channels_last on CPU. With ``compile=True`` (here
-            or in a given prior) the auditor compiles and captures at creation, on the calling thread; either way
-            the prior is then frozen: the audit worker never enters the compiler, whose RNG save-and-restore would
-            rewind the training thread's random numbers (DP-SGD noise among them), and runs compiled code only
-            inside CUDA graphs, so without graphs compile is switched off (with a warning). Before torch 2.14
-            CUDA graphs are switched off too (with a warning): there every graph is tied to the default CUDA
-            generator that DP-SGD's noise comes from (``cuda_graphs_leave_default_generator_alone``).
+            on CUDA only with the compiler's GroupNorm; fp32 and channels_last on CPU. At creation, on the calling
+            thread, the auditor captures the CUDA graph of one pass (compiling it first with ``compile=True``, here
+            or in a given prior), then freezes the prior: the audit worker only replays that graph and never
+            compiles, since torch.compile's RNG save-and-restore would rewind the training thread's random numbers
+            (DP-SGD noise among them). Compiled code runs only inside the graph, so without graphs compile is
+            switched off (with a warning). Before torch 2.14 CUDA graphs are switched off too (with a warning):
+            there every graph is tied to the default CUDA generator that DP-SGD's noise comes from
+            (``cuda_graphs_leave_default_generator_alone``).
         log_originals: include original training images in the grids.
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
         calibration_images: model inputs to calibrate the bins on (default: the training data).
