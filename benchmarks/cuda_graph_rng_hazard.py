@@ -25,24 +25,29 @@ from opacus_dmaudit.reverse_process import cuda_graphs_leave_default_generator_a
 
 def _worker(device: torch.device, *, captures: int, replay_seconds: float, stop: threading.Event,
             counts: dict) -> None:
-    """Capture ``captures`` small RNG-free graphs, then replay the last one for ``replay_seconds``."""
-    a = torch.randn(256, 256, device=device)
+    """Capture ``captures`` small RNG-free graphs, then replay the last one for ``replay_seconds``, on a stream of
+    this thread's own (as the audit worker does)."""
+    a = torch.linspace(-1.0, 1.0, 256 * 256, device=device).view(256, 256)  # drawing it would move the generator
     side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
     graph = None
-    with torch.cuda.stream(side):
-        for _ in range(captures):
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(capture_error_mode="thread_local")  # as the reverse process captures
-            out = torch.tanh(a @ a) + 1.0
-            graph.capture_end()
-            counts["captures"] += 1
-    del out
-    ends = time.perf_counter() + replay_seconds
-    while time.perf_counter() < ends:
-        graph.replay()
-        counts["replays"] += 1
-    torch.cuda.synchronize(device)
-    stop.set()
+    try:
+        with torch.cuda.stream(side):
+            torch.tanh(a @ a) + 1.0  # warm-up: cuBLAS sets itself up outside the capture
+            side.synchronize()
+            for _ in range(captures):
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(capture_error_mode="thread_local")  # as the reverse process captures
+                torch.tanh(a @ a) + 1.0
+                graph.capture_end()
+                counts["captures"] += 1
+            ends = time.perf_counter() + replay_seconds
+            while time.perf_counter() < ends:
+                graph.replay()
+                counts["replays"] += 1
+        side.synchronize()
+    finally:
+        stop.set()
 
 
 def main() -> None:
