@@ -2,7 +2,7 @@
 # The GPU turn of issue 6 (performance) as ONE device call, sized to leave room in the 15-minute lease for a rerun:
 #   run(command="bash benchmarks/gpu_perf.sh", carry=[".whl", ".gpu"], timeout_s=570)
 # with .whl (opacus, diffusers and their missing deps) and .gpu/fashion-mnist carried. The parts run in the order
-# the issue's goals need them, each under its own cap (seconds, 540 in all); every benchmark rewrites its JSON after
+# the issue's goals need them, each under its own cap (seconds, 530 in all); every benchmark rewrites its JSON after
 # each row, so a part cut short keeps what it finished. Throughput runs first and compiles the batch-256 shape, so
 # end to end compiles from inductor's on-disk cache. The goals table (benchmarks/goals.py) prints last.
 # PARTS picks parts; DRY_RUN=1 runs the same wiring at CPU sizes here, to catch mistakes before spending the lease.
@@ -36,7 +36,7 @@ part overhead && { timeout 60 python3 $B/auditor_overhead.py "${OH[@]}" --json "
 part rng && { timeout 15 python3 $B/cuda_graph_rng_hazard.py --captures 50 --replay-seconds 1.5 \
   --json "$OUT/cuda-graph-rng-hazard.json" || echo "RNG HAZARD CHECK FAILED (it needs CUDA)"; }
 part tests && timeout 75 python3 -m pytest -q -p no:cacheprovider -x tests/test_reverse_process.py tests/test_auditor.py -k cuda 2>&1 | tail -6
-part celebahq && { timeout 40 python3 $B/reconstruction_throughput.py --arch celebahq-256 --no-compile "${CH[@]}" \
+part celebahq && { timeout 30 python3 $B/reconstruction_throughput.py --arch celebahq-256 --no-compile "${CH[@]}" \
   --json "$OUT/throughput-celebahq-256.json" || echo "CELEBAHQ CUT SHORT OR FAILED"; }
 date -u
 python3 $B/goals.py "$OUT"
