@@ -33,9 +33,9 @@ part e2e && { timeout 200 python3 $B/end_to_end_audit.py "${E2E[@]}" --json "$OU
   || echo "E2E CUT SHORT OR FAILED"; }
 part overhead && { timeout 60 python3 $B/auditor_overhead.py "${OH[@]}" --json "$OUT/auditor-overhead.json" \
   || echo "OVERHEAD CUT SHORT OR FAILED"; }
-part rng && { timeout 15 python3 $B/cuda_graph_rng_hazard.py --captures 50 --replay-seconds 1.5 \
+part rng && { timeout 20 python3 $B/cuda_graph_rng_hazard.py --captures 50 --replay-seconds 1.5 \
   --json "$OUT/cuda-graph-rng-hazard.json" || echo "RNG HAZARD CHECK FAILED (it needs CUDA)"; }
-part tests && timeout 75 python3 -m pytest -q -p no:cacheprovider -x tests/test_reverse_process.py tests/test_auditor.py -k cuda 2>&1 | tail -6
+part tests && timeout 70 python3 -m pytest -q -p no:cacheprovider -x tests/test_reverse_process.py tests/test_auditor.py -k cuda 2>&1 | tail -6
 part celebahq && { timeout 30 python3 $B/reconstruction_throughput.py --arch celebahq-256 --no-compile "${CH[@]}" \
   --json "$OUT/throughput-celebahq-256.json" || echo "CELEBAHQ CUT SHORT OR FAILED"; }
 date -u
