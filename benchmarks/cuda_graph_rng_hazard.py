@@ -104,7 +104,7 @@ def _scenario(name: str, device: torch.device, *, captures: int, replay_seconds:
     thread.join()
     lost = (start + increment * len(heads) - generator.get_offset()) // increment
     return {"scenario": name, "draws": len(heads), "failed_draws": failed, "lost_increments": int(lost),
-            "repeated_draws": len(heads) - len(set(heads)), "errors": sorted(errors), **counts}
+            "repeated_draws": len(heads) - len(set(heads)), "draw_errors": sorted(errors), **counts}
 
 
 def main() -> None:
@@ -129,7 +129,7 @@ def main() -> None:
         print(f"  {name:<32} {row['draws']:>7} draws beside {row['captures_beside']} captures and {row['replays']} "
               f"replays: {row['failed_draws']} failed, {row['lost_increments']} increments lost, "
               f"{row['repeated_draws']} repeated", flush=True)
-        for error in row["errors"]:
+        for error in row["draw_errors"]:
             print("      error:", error)
 
 

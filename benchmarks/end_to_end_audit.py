@@ -12,6 +12,7 @@ CUDA; on CPU, where this only guards against regressions, the shipped prior's sm
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from bench_common import quiet_diffusers, ARCHS, build_arch, device_name, header, timed, write_json
@@ -58,9 +59,22 @@ def main() -> None:
     for name in args.samplers:
         sampler, steps = ("ddim", 50) if name == "ddim-50" else ("ddpm", 0)
         outputs = []
+        clock = {"started": 0.0, "done": 0, "written": 0.0}
+
+        def progress(finished: int) -> None:
+            """Every few seconds, the images done so far as a partial row: a run cut short still says how far it got."""
+            clock["done"] += finished
+            now = time.perf_counter()
+            if now - clock["written"] > 5.0:
+                clock["written"] = now
+                partial = {"sampler": name, "images": count, "partial": True, "images_done": clock["done"],
+                           "seconds_so_far": now - clock["started"], "goal_s_5000_images_h100": GOALS_S[name]}
+                write_json(args.json, {**result, "rows": rows + [partial]})
 
         def run():
-            outputs.append(prior.reconstruct(noisy, std, sampler=sampler, steps=steps or 1, batch_size=batch))
+            clock.update(started=time.perf_counter(), done=0, written=time.perf_counter())
+            outputs.append(prior.reconstruct(noisy, std, sampler=sampler, steps=steps or 1, batch_size=batch,
+                                             progress=progress))
 
         cold = None
         # Compiling and capturing happen at the first call of a shape; both samplers then share that graph.

@@ -46,6 +46,10 @@ def goal_lines(folder: Path) -> list[tuple[str, str, bool | None]]:
         row = end_to_end.get(sampler)
         if row is None:
             lines.append((f"5,000 images, {sampler} from t* = 300, < {goal:g} s", "not measured", None))
+        elif row.get("partial"):  # the run was cut short: past the goal already is a verdict, short of it is not
+            lines.append((f"5,000 images, {sampler} from t* = 300, < {goal:g} s",
+                          f"cut short: {row['images_done']:,} of {row['images']:,} images in "
+                          f"{row['seconds_so_far']:.0f} s", False if row["seconds_so_far"] >= goal else None))
         else:
             full = row["images"] >= 5000  # a smaller run guards against regressions but says nothing of the goal
             lines.append((f"5,000 images, {sampler} from t* = 300, < {goal:g} s",
@@ -75,6 +79,21 @@ def health_lines(folder: Path) -> list[str]:
     return out
 
 
+def rng_hazard_lines(folder: Path) -> list[str]:
+    """``cuda_graph_rng_hazard.py``'s scenarios: what RNG-free CUDA graphs on one thread did to another's noise."""
+    result = _load(folder, "cuda-graph-rng-hazard.json")
+    if result is None:
+        return []
+    out = [f"CUDA graphs beside DP noise draws (torch {result['torch']}; the package treats this torch as "
+           f"{'safe' if result['leaves_generator_alone'] else 'unsafe'}):"]
+    for row in result["rows"]:
+        clean = not (row["failed_draws"] or row["lost_increments"] or row["repeated_draws"])
+        out.append(f"  {'clean' if clean else 'HAZARD':<8} {row['scenario']:<32} {row['draws']:,} draws: "
+                   f"{row['failed_draws']} failed, {row['lost_increments']} increments lost, "
+                   f"{row['repeated_draws']} repeated")
+    return out
+
+
 def markdown_rows(folder: Path) -> list[str]:
     """Each throughput file's rows as ``| arch | variant | img-steps/s | TFLOP/s | % of peak | x naive |``."""
     out = []
@@ -100,6 +119,8 @@ def main() -> None:
         print(f"  {verdict:<8} {goal:<58} {measured}")
     for line in health_lines(args.folder):
         print(f"  WARNING  {line}")
+    for line in rng_hazard_lines(args.folder):
+        print(line)
     rows = markdown_rows(args.folder)
     if rows:
         print("\n| arch | variant | img-steps/s | TFLOP/s | % of bf16 peak | × naive |\n|---|---|---|---|---|---|")
