@@ -447,9 +447,9 @@ class ReverseProcess:
         timesteps = plan.timesteps.to(self.device, non_blocking=True)
         coefficients = plan.coefficients.to(self.device, non_blocking=True)
         noise = torch.zeros_like(x)
-        # Frozen: the compiled function only inside graphs captured before freezing (calling it could recompile).
-        compiled = self.config.compile and (not self._frozen or (size in self._compiled_sizes
-                                                                 and self.config.cuda_graphs))
+        # Frozen (so replaying a graph captured before freezing): the compiled function only inside a graph captured
+        # from it, i.e. at a size compiled before freezing (calling it could recompile).
+        compiled = self.config.compile and (not self._frozen or size in self._compiled_sizes)
         step = self._compiled_step() if compiled else self.step
         key = (tuple(x.shape), x.dtype, compiled)
         if key not in self._checked:

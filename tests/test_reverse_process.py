@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from opacus_dmaudit.prior import DiffusionPrior
-from opacus_dmaudit.reverse_process import (FastPathConfig, ReverseProcess, ReverseStep, bucket_size, plan_ddim,
-                                            plan_ddpm)
+from opacus_dmaudit.reverse_process import (FastPathConfig, ReverseProcess, ReverseStep, bucket_size,
+                                            cuda_graphs_leave_default_generator_alone, plan_ddim, plan_ddpm)
 
 
 def _unet() -> UNet2DModel:
@@ -227,8 +227,6 @@ def test_reverse_process_rejects_a_plan_of_another_batch():
 def test_cuda_graphs_are_safe_beside_training_from_torch_2_14(monkeypatch, version, alone):
     """Up to 2.13 every CUDA graph is tied to the default CUDA generator (the version gate the auditor reads)."""
     from torch.torch_version import TorchVersion
-
-    from opacus_dmaudit.reverse_process import cuda_graphs_leave_default_generator_alone
 
     monkeypatch.setattr(torch, "__version__", TorchVersion(version))
     assert cuda_graphs_leave_default_generator_alone() is alone
