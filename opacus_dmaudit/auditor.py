@@ -444,10 +444,11 @@ class DMAuditor:
     # ------------------------------------------------------------------ worker thread
     @property
     def pass_size(self) -> int:
-        """Images per UNet call of the prior: one audit's reconstructions, rounded up to a power of two, at most the
-        prior's ``default_batch_size`` (256 on CUDA, 32 on CPU, fewer for large images)."""
+        """Images per UNet call of the prior: one audit's reconstructions, rounded up to a power of two (at least the
+        prior's ``min_bucket``), at most its ``default_batch_size`` (256 on CUDA, 32 on CPU, fewer for large images)."""
         count = min(self.bins, self.max_reconstructions or self.bins)
-        return bucket_size(count, batch_size=self.prior.default_batch_size, min_bucket=8)
+        return bucket_size(count, batch_size=self.prior.default_batch_size,
+                           min_bucket=self.prior.reverse_process.config.min_bucket)
 
     @property
     def _pass_shape(self) -> tuple[int, int, int, int]:

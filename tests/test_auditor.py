@@ -245,6 +245,18 @@ def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_pr
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", every=0)
 
 
+def test_a_pass_of_the_prior_holds_one_audit_padded_to_the_priors_own_buckets(tmp_path, tiny_prior_dir):
+    from opacus_dmaudit.reverse_process import FastPathConfig
+
+    sizes = {}
+    for min_bucket, max_reconstructions in ((8, 3), (8, 12), (16, 3), (2, 3), (2, 64)):
+        with DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / f"{min_bucket}-{max_reconstructions}",
+                       max_reconstructions=max_reconstructions, fast_path=FastPathConfig(min_bucket=min_bucket)) as a:
+            sizes[min_bucket, max_reconstructions] = a.pass_size
+    # On CPU a pass holds at most the prior's default batch, 32 images.
+    assert sizes == {(8, 3): 8, (8, 12): 16, (16, 3): 16, (2, 3): 4, (2, 64): 32}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a per-thread nice value is Linux's")
 def test_the_worker_thread_runs_at_a_lower_priority_and_training_does_not(tmp_path, tiny_prior_dir):
     main = threading.get_native_id()
