@@ -2,7 +2,7 @@
 # Both install everything first (apt and pip; idempotent), so they work on a fresh machine.
 PYTHON ?= python3
 
-.PHONY: install demo test benchmark
+.PHONY: install demo test test-oldest benchmark
 
 install:
 	bash scripts/install.sh
@@ -12,6 +12,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The tests again, against the oldest torch / torchvision / opacus / diffusers that pyproject.toml admits.
+test-oldest: install
+	bash scripts/test_oldest.sh
 
 # The CPU-sized benchmark suite (about 8 min on 2 cores); on a GPU machine see benchmarks/gpu_perf.sh.
 RESULTS ?= benchmarks/results/cpu
