@@ -6,6 +6,9 @@ the audits themselves took on the worker. The inline capture cost is the gradien
 also as a share of the step without an auditor. "inline, no audits" carries the imprint block through every step
 but never audits: the standing cost of its per-sample gradients, apart from the audits' share of the device. On
 CPU, "shadow, worker niceness 0" runs the audit worker at training's own priority, against DMAuditor's default.
+On CUDA each row also gives the device memory's peak from the auditor's creation to the end of training: the worker
+allocates on its own stream, and the caching allocator does not lend those blocks to training's stream, so what the
+auditor holds adds to training's peak.
 
     python benchmarks/auditor_overhead.py --steps 40 --every 10 --json out.json
 """
@@ -13,6 +16,7 @@ CPU, "shadow, worker niceness 0" runs the audit worker at training's own priorit
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 import warnings
@@ -39,8 +43,23 @@ def cnn(width: int) -> nn.Module:
     )
 
 
+def _reset_cuda_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        gc.collect()  # the last variant's model, optimizer and auditor
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _cuda_peak(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
 def run(variant: str, *, images, labels, args, device) -> dict:
     torch.manual_seed(0)
+    _reset_cuda_peak(device)
     model = cnn(args.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=args.batch)
@@ -71,7 +90,7 @@ def run(variant: str, *, images, labels, args, device) -> dict:
             if step >= args.steps:
                 break
     result = {"variant": variant, "ms_per_step": 1e3 * statistics.mean(step_times[2:]),
-              "ms_per_step_median": 1e3 * statistics.median(step_times[2:])}
+              "ms_per_step_median": 1e3 * statistics.median(step_times[2:]), **_cuda_peak(device)}
     if auditor is not None:
         waited = time.perf_counter()
         auditor.close()
@@ -120,6 +139,9 @@ def main() -> None:
             extra = (f" | training thread blocked {row['blocking_ms_per_audit']:.2f} ms/audit (capture "
                      f"{row['capture_ms_per_audit']:.3f} ms = {row['capture_pct_of_step']:.2f}% of a step) | audits "
                      f"{row['audits']} ({row['dropped']} dropped), {row['audit_seconds_mean'] or 0:.2f} s each")
+        if "peak_reserved_gib" in row:
+            extra += (f" | CUDA peak {row['peak_allocated_gib']:.2f} GiB allocated, {row['peak_reserved_gib']:.2f} "
+                      "GiB reserved")
         print(f"  {row['variant']:<25} {row['ms_per_step']:8.2f} ms/step  x{row['step_time_ratio']:.3f}{extra}")
         if row.get("prepare_seconds") is not None:
             print(f"      prior {row['prior_fast_path']}: prepared (compile, graph capture) at creation, on the "

@@ -79,6 +79,17 @@ def health_lines(folder: Path) -> list[str]:
     return out
 
 
+def memory_lines(folder: Path) -> list[str]:
+    """The auditor's CUDA memory: each overhead row's peak reserved memory against the run without an auditor."""
+    rows = (_load(folder, "auditor-overhead.json") or {}).get("rows", [])
+    base = next((r.get("peak_reserved_gib") for r in rows if r["variant"] == "no auditor"), None)
+    if base is None:
+        return []
+    return ["CUDA memory reserved at its peak during training (what the auditor adds to training's own):"] + [
+        f"  {r['variant']:<25} {r['peak_reserved_gib']:.2f} GiB ({r['peak_reserved_gib'] - base:+.2f})"
+        for r in rows if "peak_reserved_gib" in r]
+
+
 def rng_hazard_lines(folder: Path) -> list[str]:
     """``cuda_graph_rng_hazard.py``'s scenarios: what RNG-free CUDA graphs on one thread did to another's noise."""
     result = _load(folder, "cuda-graph-rng-hazard.json")
@@ -119,7 +130,7 @@ def main() -> None:
         print(f"  {verdict:<8} {goal:<58} {measured}")
     for line in health_lines(args.folder):
         print(f"  WARNING  {line}")
-    for line in rng_hazard_lines(args.folder):
+    for line in memory_lines(args.folder) + rng_hazard_lines(args.folder):
         print(line)
     rows = markdown_rows(args.folder)
     if rows:
