@@ -2,7 +2,7 @@
 # Runs the test suite against the oldest supported torch, torchvision, opacus and diffusers
 # (scripts/oldest-supported.txt), in a virtual environment of its own, so the floors in pyproject.toml stay true.
 # Needs what scripts/install.sh installs from Debian (the Fashion-MNIST package). About 2 min to install (torch 2.6
-# is a CUDA build from PyPI, about 3 GB in the venv) and 6 to 8 min of tests on 2 cores.
+# is a CUDA build from PyPI, about 3 GB in the venv) and 6 to 9 min of tests on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/opacus-dmaudit-oldest}
