@@ -44,16 +44,15 @@ def goal_lines(folder: Path) -> list[tuple[str, str, bool | None]]:
     end_to_end = {r["sampler"]: r for r in (_load(folder, "end-to-end.json") or {}).get("rows", [])}
     for sampler, goal in GOAL_E2E_S.items():
         row = end_to_end.get(sampler)
+        name = f"5,000 images, {sampler} from t* = 300, < {goal:g} s"
         if row is None:
-            lines.append((f"5,000 images, {sampler} from t* = 300, < {goal:g} s", "not measured", None))
+            lines.append((name, "not measured", None))
         elif row.get("partial"):  # the run was cut short: past the goal already is a verdict, short of it is not
-            lines.append((f"5,000 images, {sampler} from t* = 300, < {goal:g} s",
-                          f"cut short: {row['images_done']:,} of {row['images']:,} images in "
-                          f"{row['seconds_so_far']:.0f} s", False if row["seconds_so_far"] >= goal else None))
+            lines.append((name, f"cut short: {row['images_done']:,} of {row['images']:,} images in "
+                                f"{row['seconds_so_far']:.0f} s", False if row["seconds_so_far"] >= goal else None))
         else:
             full = row["images"] >= 5000  # a smaller run guards against regressions but says nothing of the goal
-            lines.append((f"5,000 images, {sampler} from t* = 300, < {goal:g} s",
-                          f"{row['seconds']:.1f} s" + ("" if full else f" for {row['images']:,} images"),
+            lines.append((name, f"{row['seconds']:.1f} s" + ("" if full else f" for {row['images']:,} images"),
                           row["seconds"] < goal if full else None))
     overhead = {r["variant"]: r for r in (_load(folder, "auditor-overhead.json") or {}).get("rows", [])}
     inline, shadow = overhead.get("inline", {}), overhead.get("shadow", {})

@@ -18,6 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from opacus_dmaudit.auditor import DMAuditor
 from opacus_dmaudit.capture import PerLayerClippingError
+from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -172,9 +174,6 @@ def test_a_compiled_prior_never_compiles_in_the_worker(tmp_path, fashion_images,
     (DP-SGD noise among them) if it ran on the audit worker during training. Frozen, a prior runs compiled code only
     inside CUDA graphs captured before training, so without them (here, on CPU) the auditor switches compile off
     rather than spend the compile on the training thread for nothing."""
-    from opacus_dmaudit.prior import DiffusionPrior
-    from opacus_dmaudit.reverse_process import FastPathConfig
-
     prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu", fast_path=FastPathConfig(compile=True))
     with pytest.warns(RuntimeWarning, match="compile switched off.*only inside CUDA graphs"):
         _, auditor, _ = train(fashion_images, steps=10, auditor_kwargs=audit_kwargs(tmp_path, prior, steps=2))
@@ -192,8 +191,6 @@ def test_a_compiled_prior_never_compiles_in_the_worker(tmp_path, fashion_images,
 @pytest.mark.parametrize("mode", ["shadow", "inline"])
 def test_the_worker_reconstructs_on_cuda_next_to_training_and_leaves_its_generator_alone(tmp_path, fashion_images,
                                                                                        tiny_prior_dir, mode):
-    from opacus_dmaudit.reverse_process import cuda_graphs_leave_default_generator_alone
-
     device = torch.device("cuda", torch.cuda.current_device())
 
     def run(auditor_kwargs):
@@ -247,8 +244,6 @@ def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_pr
 
 
 def test_a_pass_of_the_prior_holds_one_audit_padded_to_the_priors_own_buckets(tmp_path, tiny_prior_dir):
-    from opacus_dmaudit.reverse_process import FastPathConfig
-
     sizes = {}
     for min_bucket, max_reconstructions in ((8, 3), (8, 12), (16, 3), (2, 3), (2, 64)):
         with DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / f"{min_bucket}-{max_reconstructions}",
