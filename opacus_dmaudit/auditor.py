@@ -393,6 +393,10 @@ class DMAuditor:
         return not (self._closed or self._stopped) and step % self.every == 0
 
     def _on_forward(self, module, args) -> None:
+        # Only forwards that Opacus records belong to the step (its hooks skip eval mode and no_grad): an evaluation
+        # between steps must not slip held-out images into the audited batch.
+        if not (module.training and torch.is_grad_enabled()):
+            return
         if args and isinstance(args[0], torch.Tensor) and self._is_audited(self._steps + 1):
             started = time.perf_counter()
             # The only work on the training thread: one copy of the batch.

@@ -348,3 +348,36 @@ def test_gradient_accumulation_audits_the_whole_logical_batch(tmp_path, fashion_
     auditor.close()
     assert [r.batch_size for r in auditor.records] == [64, 64]
     assert all(r.recovered > 10 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+
+
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
+    # A loop that evaluates on held-out images between steps: those forwards are not part of any DP-SGD step
+    # (Opacus records none of them), so they must not join the audited batch.
+    torch.manual_seed(0)
+    train_images, held_out = fashion_images[:128], fashion_images[128:].flip(-1)
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(train_images, torch.randint(0, 10, (128,))), batch_size=32)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    for i, (x, y) in enumerate(loader):
+        model.eval()
+        if i % 2:
+            with torch.no_grad():
+                model(held_out[:48])
+        else:
+            model(held_out[:48])  # eval mode with gradients on: Opacus records nothing either
+        model.train()
+        with torch.no_grad():
+            model(held_out[:16])  # training mode without gradients: nothing recorded
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    auditor.close()
+    assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32, 32, 32]
+    if mode == "inline":
+        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
