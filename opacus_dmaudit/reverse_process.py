@@ -158,23 +158,22 @@ def _model_coefficients(abar: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tens
 def plan_ddim(t_start: torch.Tensor, *, steps: int, alphas_cumprod: torch.Tensor) -> ReversePlan:
     """Deterministic DDIM (eta = 0) from each image's ``t*``: ``t_j = floor(t* (steps - j) / steps)``.
 
-    The last step jumps to ``abar = 1`` (a clean image). Steps at which no image of the batch moves (``t* <
-    steps`` repeats timesteps) are dropped.
+    The last step jumps to ``abar = 1`` (a clean image). Steps from ``t_j`` to ``t_{j+1}`` at which no image of the
+    batch moves (``t* < steps`` repeats timesteps) are dropped, so every kept step starts at the level where the one
+    before left each image.
     """
     abar = alphas_cumprod.to(torch.float64).cpu()
     t_start = t_start.cpu().long()
+    levels = [torch.div(t_start * (steps - j), steps, rounding_mode="floor") for j in range(steps)]
     timesteps, rows = [], []
-    for j in range(steps):
-        t = torch.div(t_start * (steps - j), steps, rounding_mode="floor")
-        if 0 < j < steps - 1:
-            before = torch.div(t_start * (steps - j + 1), steps, rounding_mode="floor")
-            if bool((t == before).all()):
-                continue
+    for j, t in enumerate(levels):
+        last = j == steps - 1
+        # Drop the step that stands still (t_{j+1} == t_j), never the move after it: the image would then be one
+        # level noisier than the next step assumes, and at t* < steps the misses add up to ruin the result.
+        if not last and bool((levels[j + 1] == t).all()):
+            continue
         a, b = _model_coefficients(abar, t)
-        if j == steps - 1:
-            abar_next = torch.ones_like(a)
-        else:
-            abar_next = abar[torch.div(t_start * (steps - j - 1), steps, rounding_mode="floor")]
+        abar_next = torch.ones_like(a) if last else abar[levels[j + 1]]
         zero = torch.zeros_like(a)
         rows.append(torch.stack([a, b, abar_next.sqrt(), (1.0 - abar_next).sqrt(), zero, zero], dim=1))
         timesteps.append(t)

@@ -67,8 +67,25 @@ def test_ddim_step_matches_diffusers_scheduler_step():
 
 def test_ddim_plan_drops_steps_where_nothing_moves():
     abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
-    plan = plan_ddim(torch.tensor([3, 2]), steps=50, alphas_cumprod=abar)
-    assert plan.num_steps < 10 and plan.timesteps[-1].tolist() == [0, 0]
+    plan = plan_ddim(torch.tensor([3, 3]), steps=50, alphas_cumprod=abar)
+    assert plan.timesteps[:, 0].tolist() == [3, 2, 1, 0]
+    plan = plan_ddim(torch.tensor([3, 2]), steps=50, alphas_cumprod=abar)  # a row moves at least one image
+    assert plan.timesteps.tolist() == [[3, 2], [2, 1], [1, 1], [1, 0], [0, 0]]
+
+
+@pytest.mark.parametrize(("t_start", "steps"), [([3, 2], 50), ([26, 26], 50), ([258], 400), ([600, 300, 20], 8),
+                                                ([40, 7, 1], 25), ([999], 1000), ([5], 1)])
+def test_ddim_plan_is_one_unbroken_chain_from_t_star_to_a_clean_image(t_start, steps):
+    # Each step must start from the noise level at which the step before left the image: a step that assumes a
+    # cleaner image than it gets leaves that noise in the result.
+    abar = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    plan = plan_ddim(torch.tensor(t_start), steps=steps, alphas_cumprod=abar)
+    assert plan.timesteps[0].tolist() == t_start
+    reached = plan.coefficients[:-1, :, 2] ** 2  # abar after each step but the last
+    torch.testing.assert_close(reached, abar[plan.timesteps[1:]].float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(plan.coefficients[-1, :, 2], torch.ones(len(t_start)))
+    if len(set(t_start)) == 1:  # one t*: every kept step moves the image
+        assert plan.num_steps == min(steps, t_start[0] + 1)
 
 
 def test_bucket_sizes_are_few_and_cover_the_batch():
