@@ -102,7 +102,8 @@ class ReconstructionOutput:
             image is a sample of the prior, not a reconstruction.
         adaptation: how the images were mapped onto the prior's grid.
         sampler: "ddpm" or "ddim".
-        steps: reverse steps per image (DDIM: ``min(k, t*)``-spaced; DDPM: ``t* + 1``).
+        steps: reverse steps (DDIM: the ``k`` asked for, though an image with ``t* < k`` takes ``t* + 1`` steps
+            of one timestep each; DDPM: the largest ``t* + 1``).
         fast_path: the speed options that ran, e.g. ``"bf16 + channels_last + compile + cuda_graphs"``.
         fallbacks: why a configured speed option was switched off (empty while all run).
         notes: what a reader of the result should know: the fallbacks, and images that are prior samples.
