@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -29,10 +29,13 @@ def make_private_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def protect_tree(path: str | os.PathLike) -> None:
-    """Make a folder and everything below it owner-only (files written by other libraries, e.g. TensorBoard)."""
+def protect_tree(path: str | os.PathLike, *, leave: Collection[Path] = ()) -> None:
+    """Make a folder and everything below it owner-only (files written by other libraries, e.g. TensorBoard),
+    except the paths in ``leave``."""
     root = Path(path)
     for item in [root, *root.rglob("*")]:
+        if item in leave:
+            continue
         try:
             os.chmod(item, PRIVATE_DIR_MODE if item.is_dir() else PRIVATE_FILE_MODE)
         except OSError:
@@ -101,7 +104,8 @@ class AuditLogWriter:
     """TensorBoard event files plus ``audits.jsonl`` in one private log folder.
 
     Args:
-        log_dir: the folder (created 0700; existing files are appended to, never replaced).
+        log_dir: the folder (created 0700, an existing one tightened to 0700; existing files are appended to,
+            never replaced, and keep their permissions unless they are ``audits.jsonl``).
         log_originals: put the original training images in grids; False logs only noisy and reconstructed rows.
     """
 
@@ -110,13 +114,15 @@ class AuditLogWriter:
 
         self.log_dir = make_private_dir(log_dir)
         self.log_originals = log_originals
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self.jsonl_path = self.log_dir / "audits.jsonl"
+        # What was there before is the user's (or an earlier run's): only what this writer adds gets its modes set.
+        self._found = set(self.log_dir.rglob("*")) - {self.jsonl_path}
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self._protect()
 
     def _protect(self) -> None:
         # The folder is already owner-only; tighten the files too in case it is ever moved or shared.
-        protect_tree(self.log_dir)
+        protect_tree(self.log_dir, leave=self._found)
 
     def config(self, settings: dict[str, Any]) -> None:
         rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())

@@ -1,0 +1,28 @@
+"""The audit log folder: what the auditor writes is owner-only; what was there before keeps its permissions."""
+
+import os
+
+import torch
+
+from opacus_dmaudit.report import AuditLogWriter
+
+
+def test_log_writer_tightens_what_it_writes_and_leaves_the_users_files_alone(tmp_path):
+    folder = tmp_path / "runs"
+    (folder / "my-run").mkdir(parents=True)
+    mine = folder / "my-run" / "notes.txt"
+    mine.write_text("the user's")
+    os.chmod(mine, 0o644)
+    os.chmod(folder / "my-run", 0o755)
+    writer = AuditLogWriter(folder)
+    writer.scalars({"audit/x": 1.0}, step=1)
+    writer.grid("audit/grid", [torch.rand(2, 1, 8, 8)], step=1)
+    writer.record({"step": 1})
+    writer.hparams({"mode": "shadow"}, {"hparam/x": 1.0})
+    writer.close()
+    assert mine.read_text() == "the user's"
+    assert (mine.stat().st_mode & 0o777, (folder / "my-run").stat().st_mode & 0o777) == (0o644, 0o755)
+    assert folder.stat().st_mode & 0o777 == 0o700  # the folder that holds training images is tightened
+    written = [p for p in folder.rglob("*") if "my-run" not in p.parts]
+    assert any(p.name.startswith("events.out.tfevents") for p in written) and (folder / "audits.jsonl") in written
+    assert all(p.stat().st_mode & 0o077 == 0 for p in written)
