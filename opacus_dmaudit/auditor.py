@@ -688,12 +688,20 @@ class DMAuditor:
         """Block until every queued audit is done."""
         self._queue.join()
 
-    def close(self) -> None:
-        """Finish queued audits, write hparams, close the logs and detach from the optimizer and model."""
+    def close(self, *, wait: bool = True) -> None:
+        """Finish queued audits, write hparams, close the logs and detach from the optimizer and model.
+
+        Args:
+            wait: finish the audits still waiting in the queue. False drops them (counted in ``dropped``) and only
+                lets the pass already running end; leaving a ``with`` block on an exception (Ctrl-C included) does
+                that, so the exception is not held up by minutes of audits.
+        """
         if self._closed:
             return
         self._closed = True
         if self.active:
+            if not wait:
+                self._drop_queued()
             self._queue.put(None)
             self._worker.join()
         for handle in self._handles:
@@ -712,5 +720,18 @@ class DMAuditor:
     def __enter__(self) -> "DMAuditor":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _drop_queued(self) -> None:
+        dropped = 0
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            dropped += job is not None
+        if dropped:
+            self.dropped += dropped
+            logger.warning("opacus_dmaudit: %d queued audit(s) dropped at close", dropped)
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(wait=exc_type is None)

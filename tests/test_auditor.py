@@ -381,3 +381,28 @@ def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_ima
     assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32, 32, 32]
     if mode == "inline":
         assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+
+
+def test_leaving_the_with_block_on_an_exception_drops_queued_audits_instead_of_running_them(
+        tmp_path, fashion_images, tiny_prior_dir):
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(fashion_images, torch.randint(0, 10, (256,))), batch_size=16)
+    engine = PrivacyEngine(accountant="rdp")
+    slow = lambda record: time.sleep(1.0)  # noqa: E731  (an audit that takes a while, as on a CPU)
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, every=2, batch_audits=1, on_audit=slow))
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    with pytest.raises(KeyboardInterrupt):
+        with auditor:
+            for x, y in loader:  # 16 steps: 8 audits queue up behind the first
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            raise KeyboardInterrupt
+    assert auditor.dropped >= 5 and len(auditor.records) + auditor.dropped == 8 and auditor.errors == 0
+    assert auditor._worker is not None and not auditor._worker.is_alive()
+    lines = (tmp_path / "audit" / "audits.jsonl").read_text().splitlines()
+    assert len(lines) == len(auditor.records)
