@@ -344,8 +344,14 @@ class DMAuditor:
             raise ValueError("pass calibration_images=... (no data loader to calibrate the imprint bins on)")
         count = min(len(dataset), 1024)
         step = max(1, len(dataset) // count)
-        items = [dataset[i] for i in range(0, step * count, step)]
-        return torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item) for item in items]).float()
+        try:
+            items = [dataset[i] for i in range(0, step * count, step)]
+            return torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+                                for item in items]).float()
+        except Exception as exc:  # e.g. PIL images without ToTensor, or dict samples
+            raise ValueError(f"cannot calibrate the imprint bins on the data loader's dataset ({exc}): its samples "
+                             "must be image tensors or (image tensor, label) pairs; pass calibration_images=... (an "
+                             "N×C×H×W tensor of model inputs) instead") from exc
 
     def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
         """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with

@@ -241,6 +241,13 @@ def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_pr
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", mode="offline")
     with pytest.raises(ValueError, match="every"):
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", every=0)
+    # Inline mode calibrates its bins on the loader's dataset: samples it cannot read are named, with the way out.
+    dicts = [{"image": image, "label": 0} for image in fashion_images[:8]]
+    with DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", mode="inline") as auditor:
+        with pytest.raises(ValueError, match="calibration_images=") as error:
+            auditor.wrap_model(tiny_cnn(), torch.optim.SGD(tiny_cnn().parameters(), lr=0.1),
+                               data_loader=torch.utils.data.DataLoader(dicts))
+    assert "image tensors or (image tensor, label) pairs" in str(error.value)
 
 
 def test_a_pass_of_the_prior_holds_one_audit_padded_to_the_priors_own_buckets(tmp_path, tiny_prior_dir):
