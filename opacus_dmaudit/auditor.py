@@ -344,8 +344,8 @@ class DMAuditor:
             raise ValueError("pass calibration_images=... (no data loader to calibrate the imprint bins on)")
         count = min(len(dataset), 1024)
         step = max(1, len(dataset) // count)
+        items = [dataset[i] for i in range(0, step * count, step)]  # the dataset's own errors pass as they are
         try:
-            items = [dataset[i] for i in range(0, step * count, step)]
             return torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
                                 for item in items]).float()
         except Exception as exc:  # e.g. PIL images without ToTensor, or dict samples
@@ -723,9 +723,6 @@ class DMAuditor:
             self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
         self.writer.close()
 
-    def __enter__(self) -> "DMAuditor":
-        return self
-
     def _drop_queued(self) -> None:
         dropped = 0
         while True:
@@ -738,6 +735,9 @@ class DMAuditor:
         if dropped:
             self.dropped += dropped
             logger.warning("opacus_dmaudit: %d queued audit(s) dropped at close", dropped)
+
+    def __enter__(self) -> "DMAuditor":
+        return self
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(wait=exc_type is None)
