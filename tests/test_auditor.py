@@ -67,6 +67,21 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
     return engine, auditor, weights
 
 
+def private_run(images, *, batch, sigma, auditor_kwargs):
+    """A tiny CNN made private with an auditor attached, for tests that write their own loop: model, optimizer,
+    loader (no Poisson sampling) and auditor."""
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.randint(0, 10, (len(images),))), batch_size=batch)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **auditor_kwargs)
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                   noise_multiplier=sigma, max_grad_norm=1.0, poisson_sampling=False)
+    return model, optimizer, loader, auditor
+
+
 def audit_kwargs(tmp_path, prior, **extra):
     return {**dict(prior=prior, log_dir=tmp_path / "audit", every=5, steps=3, queue_size=10), **extra}
 
@@ -338,15 +353,9 @@ def test_normalised_inputs_are_audited_in_pixel_space(tmp_path, fashion_images, 
 
 
 def test_gradient_accumulation_audits_the_whole_logical_batch(tmp_path, fashion_images, tiny_prior_dir):
-    torch.manual_seed(0)
-    model = tiny_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(fashion_images[:128], torch.randint(0, 10, (128,))), batch_size=32)
-    engine = PrivacyEngine(accountant="rdp")
-    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode="inline", every=1))
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    model, optimizer, loader, auditor = private_run(
+        fashion_images[:128], batch=32, sigma=0.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode="inline", every=1))
     for i, (x, y) in enumerate(loader):
         nn.functional.cross_entropy(model(x), y).backward()
         if i % 2 == 1:  # two backward passes per optimizer step
@@ -361,16 +370,10 @@ def test_gradient_accumulation_audits_the_whole_logical_batch(tmp_path, fashion_
 def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
     # A loop that evaluates on held-out images between steps: those forwards are not part of any DP-SGD step
     # (Opacus records none of them), so they must not join the audited batch.
-    torch.manual_seed(0)
-    train_images, held_out = fashion_images[:128], fashion_images[128:].flip(-1)
-    model = tiny_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(train_images, torch.randint(0, 10, (128,))), batch_size=32)
-    engine = PrivacyEngine(accountant="rdp")
-    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    held_out = fashion_images[128:].flip(-1)
+    model, optimizer, loader, auditor = private_run(
+        fashion_images[:128], batch=32, sigma=0.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
     for i, (x, y) in enumerate(loader):
         model.eval()
         if i % 2:
@@ -392,16 +395,10 @@ def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_ima
 
 def test_leaving_the_with_block_on_an_exception_drops_queued_audits_instead_of_running_them(
         tmp_path, fashion_images, tiny_prior_dir):
-    torch.manual_seed(0)
-    model = tiny_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(fashion_images, torch.randint(0, 10, (256,))), batch_size=16)
-    engine = PrivacyEngine(accountant="rdp")
     slow = lambda record: time.sleep(1.0)  # noqa: E731  (an audit that takes a while, as on a CPU)
-    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, every=2, batch_audits=1, on_audit=slow))
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    model, optimizer, loader, auditor = private_run(
+        fashion_images, batch=16, sigma=1.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=2, batch_audits=1, on_audit=slow))
     with pytest.raises(KeyboardInterrupt):
         with auditor:
             for x, y in loader:  # 16 steps: 8 audits queue up behind the first
