@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
 from opacus_dmaudit.data import denormalize
-from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
@@ -112,6 +112,20 @@ class _Recovered:
     noise_std: torch.Tensor
     originals: torch.Tensor
     started: float
+
+
+def image_batch(images, *, what: str) -> torch.Tensor:
+    """``images`` as a float CPU tensor, checked to be an N×C×H×W batch of at least two images (the imprint's bins
+    are calibrated on it)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor of images N×C×H×W, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{what} must be images N×C×H×W (model inputs), got shape {tuple(images.shape)}: the imprint "
+                         "needs unflattened images, so flatten inside the model (e.g. nn.Flatten())")
+    if images.shape[0] < 2:
+        raise ValueError(f"{what} must hold at least two images to calibrate the imprint's bins on, "
+                         f"got {images.shape[0]}")
+    return images.detach().float().cpu()
 
 
 class DMAuditor:
@@ -210,8 +224,13 @@ class DMAuditor:
                             ("queue_size", queue_size), ("batch_audits", batch_audits)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive whole number, got {value}")
+        if max_reconstructions is not None and int(max_reconstructions) < 1:
+            raise ValueError(f"max_reconstructions must be a positive whole number or None (all), "
+                             f"got {max_reconstructions}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if calibration_images is not None:
+            calibration_images = image_batch(calibration_images, what="calibration_images")
         if not 0 <= int(worker_niceness) <= 19:
             raise ValueError(f"worker_niceness must be between 0 and 19 (a nice increment), got {worker_niceness}")
         if fast_path is not None and isinstance(prior, DiffusionPrior):
@@ -255,6 +274,7 @@ class DMAuditor:
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
         self._pending: list[torch.Tensor] = []
+        self._warned: set[str] = set()  # what the user has been told once already (logger warnings)
         self._steps = 0
         self._handles: list[Any] = []
         self._closed = False
@@ -338,7 +358,7 @@ class DMAuditor:
 
     def _calibration_sample(self, data_loader) -> torch.Tensor:
         if self.calibration_images is not None:
-            return self.calibration_images.detach().float().cpu()
+            return self.calibration_images
         dataset = getattr(data_loader, "dataset", None)
         if dataset is None:
             raise ValueError("pass calibration_images=... (no data loader to calibrate the imprint bins on)")
@@ -356,7 +376,7 @@ class DMAuditor:
     def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
         """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with
         ``optimizer`` (learning rate 0; they are also restored after each step)."""
-        sample = self._calibration_sample(data_loader)
+        sample = image_batch(self._calibration_sample(data_loader), what="the data loader's samples")
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
                              measurement=self.measurement, gain=self.gain, seed=self.seed)
@@ -389,7 +409,7 @@ class DMAuditor:
             self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._after_step(self._steps + 1)))
-        self._handles.append(model.register_forward_pre_hook(self._on_forward))
+        self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         return self
 
     # ------------------------------------------------------------------ training thread
@@ -398,16 +418,27 @@ class DMAuditor:
             return step % self.every == 0  # the same on every rank, or the collectives would hang
         return not (self._closed or self._stopped) and step % self.every == 0
 
-    def _on_forward(self, module, args) -> None:
+    def _on_forward(self, module, args, kwargs) -> None:
         # Only forwards that Opacus records belong to the step (its hooks skip eval mode and no_grad): an evaluation
         # between steps must not slip held-out images into the audited batch.
-        if not (module.training and torch.is_grad_enabled()):
+        if not (module.training and torch.is_grad_enabled()) or not self._is_audited(self._steps + 1):
             return
-        if args and isinstance(args[0], torch.Tensor) and self._is_audited(self._steps + 1):
-            started = time.perf_counter()
+        started = time.perf_counter()
+        where = image_argument(args, kwargs)
+        batch = None if where is None else (args[where] if isinstance(where, int) else kwargs[where])
+        if batch is not None and batch.ndim != 4:
+            self._warn_once("input shape", f"the model's input has shape {tuple(batch.shape)}, but the imprint needs "
+                            "image batches N×C×H×W: feed the images unflattened and flatten inside the model (e.g. "
+                            "nn.Flatten()); these steps are not audited")
+        elif batch is not None:
             # The only work on the training thread: one copy of the batch.
-            self._pending.append(args[0].detach().to("cpu", copy=True))
-            self._hook_seconds += time.perf_counter() - started
+            self._pending.append(batch.detach().to("cpu", copy=True))
+        self._hook_seconds += time.perf_counter() - started
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("opacus_dmaudit: %s", message)
 
     def _after_step(self, step: int) -> None:
         started = time.perf_counter()
@@ -430,6 +461,10 @@ class DMAuditor:
                 return
             pending = [t for t in gathered if t is not None and t.numel()]
         if not pending:
+            if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
+                self._warn_once("no batch", f"step {step} was due for an audit, but no training forward of the "
+                                "private model passed it an image batch (its first positional argument, or its only "
+                                "tensor keyword argument): nothing to audit")
             return
         optimizer = self._optimizer
         accountant = getattr(self._engine, "accountant", None)

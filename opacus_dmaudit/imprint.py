@@ -29,9 +29,18 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["ImprintBlock", "ImprintedModel", "measurement_vector", "MEASUREMENTS"]
+__all__ = ["ImprintBlock", "ImprintedModel", "image_argument", "measurement_vector", "MEASUREMENTS"]
 
 MEASUREMENTS = ("brightness", "random", "dct")
+
+
+def image_argument(args: tuple, kwargs: dict) -> int | str | None:
+    """Where a model's forward call has its image batch: its first positional argument (``0``), or else the name of
+    its only tensor keyword argument; ``None`` when neither is a tensor."""
+    if args:
+        return 0 if isinstance(args[0], torch.Tensor) else None
+    names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    return names[0] if len(names) == 1 else None
 
 
 def measurement_vector(kind: str | torch.Tensor, *, image_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -206,5 +215,13 @@ class ImprintedModel(nn.Module):
         self.imprint_block = imprint
         self.model = model
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        return self.model(self.imprint_block(x), *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        where = image_argument(args, kwargs)
+        if where is None:
+            raise TypeError("ImprintedModel needs the image batch as the first positional argument of the forward "
+                            "call, or as its only tensor keyword argument")
+        if isinstance(where, int):
+            args = (self.imprint_block(args[0]), *args[1:])
+        else:
+            kwargs = {**kwargs, where: self.imprint_block(kwargs[where])}
+        return self.model(*args, **kwargs)
