@@ -52,6 +52,9 @@ __all__ = ["DMAuditor", "AuditRecord"]
 logger = logging.getLogger("opacus_dmaudit")
 
 INLINE_GAIN = 1e3
+# How far outside [0, 1] audited images may reach before the auditor says their normalisation was not undone (room for
+# rounding, not for a normalisation: those move images by tenths at least).
+PIXEL_RANGE_SLACK = 0.01
 
 
 @dataclass
@@ -660,9 +663,26 @@ class DMAuditor:
         if self.input_mean is not None or self.input_std is not None:
             originals = denormalize(originals, mean=0.0 if self.input_mean is None else self.input_mean,
                                     std=1.0 if self.input_std is None else self.input_std)
+        self._check_pixel_range(originals, notes)
         return _Recovered(job=job, base=base, notes=notes, noisy=noisy,
                           noise_std=torch.as_tensor(noise_std, dtype=torch.float64).reshape(-1).expand(len(noisy)),
                           originals=originals.clamp(0, 1), started=started)
+
+    def _check_pixel_range(self, originals: torch.Tensor, notes: list[str]) -> None:
+        """Note (and warn once) when the audited images are not in pixel space [0, 1]: the prior, the grids and the
+        metrics all assume it, so an undeclared input normalisation would put every figure in the wrong units."""
+        low, high = float(originals.min()), float(originals.max())
+        if low >= -PIXEL_RANGE_SLACK and high <= 1.0 + PIXEL_RANGE_SLACK:
+            return
+        if self.input_mean is None and self.input_std is None:
+            told = "no input_mean/input_std was given"
+        else:
+            told = f"after undoing input_mean={self.input_mean}, input_std={self.input_std}"
+        note = (f"the audited images lie in [{low:.3g}, {high:.3g}] ({told}), not in pixel space [0, 1]: pass the "
+                "normalisation your transforms apply as input_mean=/input_std= (e.g. those of "
+                "transforms.Normalize); until then the grids and metrics are in the wrong units")
+        notes.append(note)
+        self._warn_once("pixel range", note)
 
     def _score(self, item: _Recovered, output: ReconstructionOutput, part: slice, *,
                audits_in_pass: int) -> AuditRecord:

@@ -484,6 +484,21 @@ def test_inputs_the_auditor_cannot_read_are_named_once_and_never_stop_training(t
     assert caplog.text.count("step 1 was due for an audit") == 1 and "nothing to audit" in caplog.text
 
 
+def test_images_outside_pixel_space_are_flagged_when_the_normalisation_is_not_undone(tmp_path, fashion_images,
+                                                                                       tiny_prior_dir, caplog):
+    normalised = (fashion_images - 0.5) / 0.5  # transforms.Normalize((0.5,), (0.5,)), undeclared
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        _, auditor, _ = train(normalised, steps=10, auditor_kwargs=audit_kwargs(tmp_path / "a", tiny_prior_dir))
+    assert len(auditor.records) == 2
+    assert all(any("not in pixel space [0, 1]" in note for note in r.notes) for r in auditor.records)
+    assert caplog.text.count("not in pixel space") == 1 and "[-1, 1] (no input_mean/input_std was given)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        _, auditor, _ = train(normalised, steps=5, auditor_kwargs=audit_kwargs(
+            tmp_path / "b", tiny_prior_dir, input_mean=0.5, input_std=0.5))
+    assert len(auditor.records) == 1 and not auditor.records[0].notes and "pixel space" not in caplog.text
+
+
 def test_arguments_that_cannot_work_are_refused_at_creation(tmp_path, fashion_images, tiny_prior_dir):
     for bad, message in ((dict(max_reconstructions=0), "max_reconstructions must be a positive"),
                          (dict(calibration_images=fashion_images.flatten(1)), r"N×C×H×W .*\(256, 784\)"),
