@@ -690,6 +690,10 @@ class DMAuditor:
         images, noisy, originals = output.images[part], item.noisy, item.originals
         from_prior = output.from_prior[part]
         notes = item.notes + output.fallbacks
+        lost = output.adaptation.loss_note()
+        if lost:
+            notes.append(lost)
+            self._warn_once("adaptation", lost)
         if from_prior.any():
             notes.append(self.prior.prior_sample_note(int(from_prior.sum()), len(noisy)))
         noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)

@@ -165,6 +165,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
               f"{fmt(r.get('lpips'), '6.3f')} | {level.seconds:>7.1f}")
         if level.from_prior:
             print(f"          {level.from_prior} images had noise above the prior's range: prior samples")
+    if result.adaptation_loss:
+        print(f"note: {result.adaptation_loss}")
     if result.levels[0].reconstructed.get("lpips") is None:
         print(f"LPIPS: not computed: {result.lpips}")
     if args.json:

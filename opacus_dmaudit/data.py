@@ -278,6 +278,22 @@ class Adaptation:
             parts.append(self.channel)
         return ", ".join(parts) or "none"
 
+    def loss_note(self) -> str | None:
+        """What this adaptation loses for good (``None`` when nothing): the reconstructions cannot hold it, so every
+        score against the originals is capped, whatever the noise."""
+        lost = []
+        if self.channel == "rgb->gray":
+            lost.append("colour (the prior has 1 channel, the images 3)")
+        if self.spatial == "resize":
+            # Either way: resampling up and back down blurs too (28x28 via 64x64: PSNR 24 dB with no noise at all).
+            height, width = self.original_size
+            lost.append(f"detail (the images are resized from {height}x{width} to the prior's "
+                        f"{self.prior_size}x{self.prior_size} and back)")
+        if not lost:
+            return None
+        return (f"reconstructions lose {' and '.join(lost)}, which caps their scores even without noise; a prior "
+                "trained on images like these keeps it (opacus-dmaudit train-prior)")
+
 
 def _map_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     return to_rgb(images) if channels == 3 else to_grayscale(images)

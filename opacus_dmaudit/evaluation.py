@@ -57,6 +57,7 @@ class PriorEvaluation:
     lpips: str
     device: str
     levels: list[LevelResult]
+    adaptation_loss: str | None = None  # what the adaptation loses for good (caps every score), if anything
     examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def to_json(self, *, per_image: bool = False) -> dict:
@@ -107,7 +108,7 @@ def evaluate_prior(
             raise ValueError(f"noise std must be a finite number >= 0, got {s}")
     metrics = metrics or ImageMetrics()
     generator = torch.Generator().manual_seed(seed)
-    levels, examples, adaptation = [], [], "none"
+    levels, examples, adaptation, adaptation_loss = [], [], "none", None
     for level_index, std in enumerate(stds):
         noisy = add_gaussian_noise(images, std, generator=generator)
         estimate = estimate_noise_std(noisy) if estimate_noise else None
@@ -124,7 +125,7 @@ def evaluate_prior(
         if prior.device.type == "cuda":
             torch.cuda.synchronize(prior.device)
         seconds = time.perf_counter() - started
-        adaptation = output.adaptation.describe()
+        adaptation, adaptation_loss = output.adaptation.describe(), output.adaptation.loss_note()
         noisy_values = metrics(noisy, images)
         recon_values = metrics(output.images, images)
         levels.append(
@@ -155,5 +156,6 @@ def evaluate_prior(
         lpips=metrics.lpips_reason,
         device=str(prior.device) if prior.device.type == "cpu" else torch.cuda.get_device_name(prior.device),
         levels=levels,
+        adaptation_loss=adaptation_loss,
         examples=examples,
     )

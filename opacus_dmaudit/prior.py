@@ -106,7 +106,8 @@ class ReconstructionOutput:
             of one timestep each; DDPM: the largest ``t* + 1``).
         fast_path: the speed options that ran, e.g. ``"bf16 + channels_last + compile + cuda_graphs"``.
         fallbacks: why a configured speed option was switched off (empty while all run).
-        notes: what a reader of the result should know: the fallbacks, and images that are prior samples.
+        notes: what a reader of the result should know: the fallbacks, what the adaptation loses for good, and
+            images that are prior samples.
     """
 
     images: torch.Tensor
@@ -367,7 +368,9 @@ class DiffusionPrior:
 
         images = restore_from_prior(((clean + 1.0) / 2.0).clamp(0.0, 1.0), adaptation)
         fallbacks = list(self.reverse_process.fallbacks)
-        notes = fallbacks + ([self.prior_sample_note(int(from_prior.sum()), count)] if from_prior.any() else [])
+        notes = fallbacks + [note for note in (adaptation.loss_note(),) if note]
+        if from_prior.any():
+            notes.append(self.prior_sample_note(int(from_prior.sum()), count))
         return ReconstructionOutput(
             images=images,
             t_start=t_start,

@@ -209,20 +209,29 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
     return entry, grid
 
 
-def _recommend(entries: list[SweepEntry], config: SweepConfig) -> dict:
+def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | None = None) -> dict:
     key = f"{config.success_metric}@{config.success_eta:g}"
     safe = [e for e in sorted(entries, key=lambda e: e.noise_multiplier) if e.success.get(key, 1.0) <= config.target_success]
     if not safe:
-        return {"noise_multiplier": None, "criterion": key, "target_success": config.target_success,
-                "message": f"no swept noise multiplier keeps the {key} success rate at or below "
-                           f"{config.target_success:g}: sweep larger ones"}
-    best = safe[0]
-    return {"noise_multiplier": best.noise_multiplier, "epsilon": best.epsilon, "delta": config.delta,
+        recommendation = {"noise_multiplier": None, "criterion": key, "target_success": config.target_success,
+                          "message": f"no swept noise multiplier keeps the {key} success rate at or below "
+                                     f"{config.target_success:g}: sweep larger ones"}
+    else:
+        best = safe[0]
+        recommendation = {
+            "noise_multiplier": best.noise_multiplier, "epsilon": best.epsilon, "delta": config.delta,
             "criterion": key, "target_success": config.target_success, "success": best.success.get(key),
             "message": f"noise multiplier {best.noise_multiplier:g}: {key} success rate "
                        f"{best.success.get(key, 0):.3f} <= {config.target_success:g}, epsilon "
                        f"{best.epsilon if best.epsilon is not None else float('nan'):.3g} at delta {config.delta:g} "
                        f"for your schedule (q = {config.sample_rate:g}, {config.epochs:g} epochs)"}
+    if caveat:
+        # Capped scores make the attack look weaker than one with a matching prior: the recommended noise
+        # multiplier may be too small, so the recommendation must not travel without this.
+        recommendation["caveat"] = caveat
+        recommendation["message"] += (f". Caveat: {caveat}, so these success rates understate an attacker with a "
+                                      "matching prior")
+    return recommendation
 
 
 def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfig | None = None,
@@ -265,7 +274,9 @@ def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfi
         mine = [item for part in gathered for item in part]
     mine.sort(key=lambda item: item[0])
     entries = [entry for _, entry, _ in mine]
-    result = SweepResult(entries=entries, recommendation=_recommend(entries, config), config=asdict(config),
+    _, adaptation = adapt_to_prior(images[:1], resolution=prior.resolution, channels=prior.channels)
+    recommendation = _recommend(entries, config, caveat=adaptation.loss_note())
+    result = SweepResult(entries=entries, recommendation=recommendation, config=asdict(config),
                          prior=prior.name, grids={entry.noise_multiplier: grid for _, entry, grid in mine})
     if out_dir is not None and rank == 0:
         write_sweep(result, out_dir)

@@ -67,11 +67,11 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
     return engine, auditor, weights
 
 
-def private_run(images, *, batch, sigma, auditor_kwargs):
-    """A tiny CNN made private with an auditor attached, for tests that write their own loop: model, optimizer,
-    loader (no Poisson sampling) and auditor."""
+def private_run(images, *, batch, sigma, auditor_kwargs, model=None):
+    """A tiny CNN (or ``model``) made private with an auditor attached, for tests that write their own loop: model,
+    optimizer, loader (no Poisson sampling) and auditor."""
     torch.manual_seed(0)
-    model = tiny_cnn()
+    model = model or tiny_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, torch.randint(0, 10, (len(images),))), batch_size=batch)
@@ -506,3 +506,22 @@ def test_arguments_that_cannot_work_are_refused_at_creation(tmp_path, fashion_im
                          (dict(calibration_images=fashion_images.numpy()), "must be a tensor")):
         with pytest.raises((ValueError, TypeError), match=message):
             DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", **bad)
+
+
+def test_colour_images_with_a_gray_prior_are_audited_and_the_lost_colour_is_named(tmp_path, fashion_images,
+                                                                                   tiny_prior_dir, caplog):
+    colour = fashion_images[:64].expand(-1, 3, -1, -1) * torch.tensor([1.0, 0.6, 0.2]).view(1, 3, 1, 1)
+    rgb_cnn = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        model, optimizer, loader, auditor = private_run(
+            colour, batch=32, sigma=0.0, model=rgb_cnn,
+            auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode="inline", every=1))
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        auditor.close()
+    assert auditor.errors == 0 and len(auditor.records) == 2
+    assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)  # colour recovered exactly
+    assert all(any("lose colour" in note for note in r.notes) for r in auditor.records)
+    assert caplog.text.count("lose colour") == 1

@@ -27,6 +27,7 @@ def test_reconstruct_end_to_end(tmp_path, tiny_prior_dir):
     assert set(level) >= {"noise_std", "t_start", "noisy", "reconstructed", "seconds"}
     assert set(level["noisy"]) == {"mse", "psnr", "ssim", "lpips"} and level["t_start"] == 57
     assert (tmp_path / "g.png").stat().st_mode & 0o077 == 0  # training images: owner-only
+    assert result["adaptation_loss"] is None and "note:" not in out.stdout  # 28x28 padded to 32x32: nothing lost
     again = run_cli("reconstruct", "--prior", tiny_prior_dir, "--images", FASHION_TEST, "--noise-std", "0.1",
                     "--limit", "2", "--steps", "1", "--json", str(tmp_path / "r.json"))
     assert again.returncode == 2 and "--overwrite" in again.stderr
@@ -74,3 +75,15 @@ def test_reconstruct_with_estimated_noise(tmp_path, tiny_prior_dir):
     assert out.returncode == 0, out.stderr
     level = json.loads((tmp_path / "r.json").read_text())["levels"][0]
     assert abs(level["estimated_noise_std"] / 0.3 - 1) < 0.15  # the attacker's own estimate, from the images
+
+
+def test_reconstruct_says_what_a_gray_prior_loses_of_colour_images(tmp_path, tiny_prior_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "colour.npy", rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8))
+    out = run_cli("reconstruct", "--prior", tiny_prior_dir, "--images", str(tmp_path / "colour.npy"),
+                  "--noise-std", "0.1", "--steps", "1", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    assert "note: reconstructions lose colour" in out.stdout
+    assert "lose colour" in json.loads((tmp_path / "r.json").read_text())["adaptation_loss"]

@@ -96,6 +96,23 @@ def test_adapt_resize_and_channels_measure_noise_gain(fashion_images):
     assert to_gray.channel == "rgb->gray" and abs(to_gray.noise_gain - 0.668) < 0.02
 
 
+def test_adaptations_that_lose_information_say_so(fashion_images):
+    gray = fashion_images[:4]
+    colour = torch.cat([gray, gray.flip(-1), gray.flip(-2)], dim=1)  # three different channels
+    large = torch.nn.functional.interpolate(gray, size=64, mode="bilinear")
+    for images, resolution, channels, lost in ((gray, 32, 1, None), (gray, 28, 3, None), (colour, 28, 3, None),
+                                               (colour, 28, 1, "colour"),
+                                               (large, 32, 1, "resized from 64x64 to the prior's 32x32 and back"),
+                                               (gray, 64, 3, "resized from 28x28 to the prior's 64x64 and back")):
+        adapted, adaptation = adapt_to_prior(images, resolution=resolution, channels=channels)
+        round_trip = float((restore_from_prior(adapted, adaptation) - images).abs().max())
+        note = adaptation.loss_note()
+        if lost is None:  # nothing lost: the round trip gives the images back
+            assert note is None and round_trip < 1e-5, (adaptation, note)
+        else:  # the note names what the round trip cannot give back
+            assert lost in note and "train-prior" in note and round_trip > 0.1, (adaptation, round_trip)
+
+
 def test_denormalize_inverts_normalisation():
     x = torch.rand(2, 3, 4, 4)
     mean, std = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]

@@ -37,6 +37,15 @@ def test_noise_above_sigma_T_falls_back_to_prior_samples(tiny_prior_dir, fashion
     assert out.t_start[1] == 999 and "samples of the prior" in out.notes[0]
 
 
+def test_reconstructions_of_colour_images_with_a_gray_prior_say_what_is_lost(tiny_prior_dir, fashion_images):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    colour = torch.cat([fashion_images[:2], fashion_images[:2].flip(-1), fashion_images[:2] * 0.5], dim=1)
+    out = prior.reconstruct(colour, 0.1, steps=1)
+    assert out.images.shape == colour.shape and out.adaptation.channel == "rgb->gray"
+    assert any("lose colour" in note for note in out.notes)
+    assert not any("lose" in note for note in prior.reconstruct(fashion_images[:2], 0.1, steps=1).notes)
+
+
 def test_bad_reconstruct_arguments(tiny_prior_dir, fashion_images):
     prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
     with pytest.raises(ValueError, match="non-negative"):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.sweep import SweepConfig, run_sweep
@@ -39,6 +40,18 @@ def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_imag
     assert (tmp_path / "sweep" / "grid_sigma_0.3.png").stat().st_mode & 0o077 == 0
     assert list((tmp_path / "sweep" / "tensorboard").glob("events.out.tfevents.*"))
     assert result.recommendation["criterion"] == "ssim@0.5"
+
+
+def test_a_prior_that_loses_colour_puts_a_caveat_on_the_recommendation(fashion_images, tiny_prior_dir):
+    # Gray reconstructions of colour images score low whatever the noise, so the attack looks weaker than one with a
+    # matching prior and the recommended noise multiplier may be too small: the recommendation must say so.
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    config = SweepConfig(noise_multipliers=(1.0,), batch_size=32, bins=64, steps=1, kappa_samples=1)
+    gray = fashion_images[:32]
+    colour = gray.expand(-1, 3, -1, -1) * torch.tensor([1.0, 0.6, 0.2]).view(1, 3, 1, 1)
+    caveat = run_sweep(colour, prior, config=config).recommendation
+    assert "lose colour" in caveat["caveat"] and "Caveat: reconstructions lose colour" in caveat["message"]
+    assert "caveat" not in run_sweep(gray, prior, config=config).recommendation
 
 
 def test_linking_steps_lowers_the_noise(fashion_images, tiny_prior_dir):
