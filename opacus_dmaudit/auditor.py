@@ -715,6 +715,9 @@ class DMAuditor:
         accountant = getattr(self._engine, "accountant", None)
         if accountant is None or not history:
             return None
+        if any(float(noise_multiplier) == 0.0 for noise_multiplier, *_ in history):
+            # No noise, no privacy: epsilon is infinite, which the PRV and GDP accountants fail to compute.
+            return float("inf")
         # A private copy of the accountant at the audited step: the training thread keeps appending to its own.
         snapshot = type(accountant)()
         snapshot.history = history
