@@ -369,12 +369,19 @@ class DMAuditor:
         step = max(1, len(dataset) // count)
         items = [dataset[i] for i in range(0, step * count, step)]  # the dataset's own errors pass as they are
         try:
-            return torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
-                                for item in items]).float()
+            samples = torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
+                                   for item in items])
         except Exception as exc:  # e.g. PIL images without ToTensor, or dict samples
             raise ValueError(f"cannot calibrate the imprint bins on the data loader's dataset ({exc}): its samples "
                              "must be image tensors or (image tensor, label) pairs; pass calibration_images=... (an "
                              "N×C×H×W tensor of model inputs) instead") from exc
+        if not samples.is_floating_point():
+            # The imprint's gradient reaches the model's input through a float shift: integer inputs carry none.
+            raise TypeError(f"mode='inline' needs float model inputs, but the data loader's samples are "
+                            f"{samples.dtype}: convert them to float in the data pipeline (e.g. torchvision's "
+                            "transforms.v2.ToDtype(torch.float32, scale=True)) and pass input_mean/input_std for any "
+                            "scaling, or use mode='shadow'")
+        return samples
 
     def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
         """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with
@@ -678,6 +685,8 @@ class DMAuditor:
             told = "no input_mean/input_std was given"
         else:
             told = f"after undoing input_mean={self.input_mean}, input_std={self.input_std}"
+        if low >= 0 and 1.0 + PIXEL_RANGE_SLACK < high <= 255.0:
+            told += "; 0-255 inputs take input_std=1/255"
         note = (f"the audited images lie in [{low:.3g}, {high:.3g}] ({told}), not in pixel space [0, 1]: pass the "
                 "normalisation your transforms apply as input_mean=/input_std= (e.g. those of "
                 "transforms.Normalize); until then the grids and metrics are in the wrong units")

@@ -177,6 +177,9 @@ class ImprintBlock(nn.Module):
         return h.clamp(0.0, 1.0) if self.structure == "sparse" else torch.relu(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"the imprint block needs float inputs (its gradient reaches them through a float shift), "
+                            f"got {x.dtype}: convert the images to float before the model")
         level = self.activations(x).mean(dim=1)
         # Zero in value, gain * d(level) in gradient: the model's inputs stay bit-identical.
         shift = self.gain * (level - level.detach())

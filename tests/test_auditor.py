@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from opacus_dmaudit.auditor import DMAuditor
 from opacus_dmaudit.capture import PerLayerClippingError
+from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
 
@@ -460,6 +461,17 @@ def test_inputs_the_auditor_cannot_read_are_named_once_and_never_stop_training(t
     assert caplog.text.count("N×C×H×W") == 1 and "flatten inside the model" in caplog.text
     with pytest.raises(ValueError, match=r"N×C×H×W .*got shape \(64, 784\).*flatten inside the model"):
         run("inline", lambda model, x: model(x))
+    # Integer images (a model that scales them itself): the inline imprint's gradient cannot reach them.
+    engine = PrivacyEngine(accountant="rdp")
+    model = tiny_cnn()
+    as_bytes = (fashion_images[:64] * 255).to(torch.uint8)
+    with DMAuditor(engine, **audit_kwargs(tmp_path / "uint8", tiny_prior_dir, mode="inline")), \
+            pytest.raises(TypeError, match="needs float model inputs.*torch.uint8.*ToDtype"):
+        engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                            data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(as_bytes, labels)),
+                            noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(TypeError, match="float inputs"):
+        ImprintBlock(image_shape=(1, 28, 28))(as_bytes)
     # A forward whose image batch the auditor cannot tell apart (two tensor keyword arguments): said once, at the
     # first audited step.
     caplog.clear()
@@ -501,6 +513,9 @@ def test_images_outside_pixel_space_are_flagged_when_the_normalisation_is_not_un
         _, auditor, _ = train(normalised, steps=5, auditor_kwargs=audit_kwargs(
             tmp_path / "b", tiny_prior_dir, input_mean=0.5, input_std=0.5))
     assert len(auditor.records) == 1 and not auditor.records[0].notes and "pixel space" not in caplog.text
+    notes: list[str] = []
+    DMAuditor._check_pixel_range(auditor, fashion_images * 255, notes)  # e.g. uint8 inputs scaled in the model
+    assert "lie in [0, 255]" in notes[0] and "0-255 inputs take input_std=1/255" in notes[0]
 
 
 def test_arguments_that_cannot_work_are_refused_at_creation(tmp_path, fashion_images, tiny_prior_dir):
