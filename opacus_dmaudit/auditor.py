@@ -138,7 +138,9 @@ class DMAuditor:
         privacy_engine: the ``PrivacyEngine``; its ``make_private`` and ``make_private_with_epsilon`` are
             intercepted on this instance so the audit attaches itself. ``None``: call :meth:`attach` yourself.
         prior: a shipped prior's name, a local DDPMPipeline folder, a hub id, or a loaded :class:`DiffusionPrior`.
-        log_dir: TensorBoard log folder (created owner-only; it will contain training images).
+        log_dir: TensorBoard log folder (created owner-only; it will contain training images). Default: a new
+            ``runs/audit-<date>-<time>`` per run, as ``SummaryWriter`` makes; a folder with an earlier run's audit
+            logs is appended to, with a warning (TensorBoard draws both runs as one).
         every: audit every ``every``-th optimizer step.
         mode: "shadow" or "inline" (see the module docstring).
         bins: number of imprint bins.
@@ -185,7 +187,7 @@ class DMAuditor:
         privacy_engine=None,
         *,
         prior: str | DiffusionPrior = "fashion-mnist",
-        log_dir: str | Path = "runs/audit",
+        log_dir: str | Path | None = None,
         every: int = 50,
         mode: str = "shadow",
         bins: int = 64,
@@ -254,7 +256,7 @@ class DMAuditor:
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
         self.active = not (torch.distributed.is_available() and torch.distributed.is_initialized()
                            and torch.distributed.get_rank() != 0)
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(log_dir if log_dir is not None else f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
         self.prior = prior if isinstance(prior, DiffusionPrior) else None
         self.image_metrics = ImageMetrics(metrics=tuple(metrics), device=None)
         if self.active:
@@ -265,8 +267,12 @@ class DMAuditor:
                         prior, device=device, fast_path=fast_path or FastPathConfig(compile=False))
                 self._prepare_prior()
                 self.image_metrics.prepare()
-            self.writer = AuditLogWriter(log_dir, log_originals=log_originals)
+            self.writer = AuditLogWriter(self.log_dir, log_originals=log_originals)
             self.log_dir = self.writer.log_dir
+            if self.writer.earlier_run:
+                logger.warning("opacus_dmaudit: %s already holds the audit logs of an earlier run; this run's are "
+                               "appended to them, and TensorBoard draws both as one run: pass a new log_dir to keep "
+                               "runs apart", self.log_dir)
         self.records: list[AuditRecord] = []
         self.dropped = 0
         self.errors = 0

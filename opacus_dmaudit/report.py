@@ -107,6 +107,9 @@ class AuditLogWriter:
         log_dir: the folder (created 0700, an existing one tightened to 0700; existing files are appended to,
             never replaced, and keep their permissions unless they are ``audits.jsonl``).
         log_originals: put the original training images in grids; False logs only noisy and reconstructed rows.
+
+    Attributes:
+        earlier_run: the folder already held audit logs (``audits.jsonl`` or event files) that this run appends to.
     """
 
     def __init__(self, log_dir: str | os.PathLike, *, log_originals: bool = True) -> None:
@@ -117,6 +120,7 @@ class AuditLogWriter:
         self.jsonl_path = self.log_dir / "audits.jsonl"
         # What was there before is the user's (or an earlier run's): only what this writer adds gets its modes set.
         self._found = set(self.log_dir.rglob("*")) - {self.jsonl_path}
+        self.earlier_run = self.jsonl_path.exists() or any(self.log_dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self._protect()
 

@@ -544,3 +544,15 @@ def test_colour_images_with_a_gray_prior_are_audited_and_the_lost_colour_is_name
     assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)  # colour recovered exactly
     assert all(any("lose colour" in note for note in r.notes) for r in auditor.records)
     assert caplog.text.count("lose colour") == 1
+
+
+def test_each_run_logs_to_a_new_folder_unless_told_otherwise(tmp_path, tiny_prior_dir, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    with DMAuditor(prior=tiny_prior_dir) as auditor:
+        pass
+    assert auditor.log_dir.resolve().parent == tmp_path.resolve() / "runs" and auditor.log_dir.name.startswith("audit-")
+    assert time.strftime("%Y%m%d") in auditor.log_dir.name and auditor.log_dir.stat().st_mode & 0o777 == 0o700
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        with DMAuditor(prior=tiny_prior_dir, log_dir=auditor.log_dir):
+            pass
+    assert "already holds the audit logs of an earlier run" in caplog.text

@@ -15,6 +15,7 @@ def test_log_writer_tightens_what_it_writes_and_leaves_the_users_files_alone(tmp
     os.chmod(mine, 0o644)
     os.chmod(folder / "my-run", 0o755)
     writer = AuditLogWriter(folder)
+    assert not writer.earlier_run  # the user's own files are not audit logs
     writer.scalars({"audit/x": 1.0}, step=1)
     writer.grid("audit/grid", [torch.rand(2, 1, 8, 8)], step=1)
     writer.record({"step": 1})
@@ -26,3 +27,17 @@ def test_log_writer_tightens_what_it_writes_and_leaves_the_users_files_alone(tmp
     written = [p for p in folder.rglob("*") if "my-run" not in p.parts]
     assert any(p.name.startswith("events.out.tfevents") for p in written) and (folder / "audits.jsonl") in written
     assert all(p.stat().st_mode & 0o077 == 0 for p in written)
+
+
+def test_a_second_run_in_the_same_folder_appends_and_knows_it(tmp_path):
+    first = AuditLogWriter(tmp_path / "runs")
+    first.record({"step": 1})
+    first.close()
+    second = AuditLogWriter(tmp_path / "runs")
+    second.record({"step": 1})
+    second.close()
+    assert second.earlier_run
+    assert (tmp_path / "runs" / "audits.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 1}']
+    only_events = AuditLogWriter(tmp_path / "events")
+    only_events.close()  # an earlier run that logged no audit yet still left its event file
+    assert AuditLogWriter(tmp_path / "events").earlier_run
