@@ -69,7 +69,9 @@ def run(variant: str, *, images, labels, args, device) -> dict:
     if mode is not None:
         every = 10**9 if variant == "inline, no audits" else args.every
         niceness = {"worker_niceness": 0} if variant == EVEN_PRIORITY else {}
-        auditor = DMAuditor(engine, prior=args.prior, log_dir=f"{args.log_root}/{mode}", every=every,
+        # One fresh folder per variant and run: appending to an earlier run's logs would warn and mix them.
+        log_dir = f"{args.log_root}/{time.strftime('%Y%m%d-%H%M%S')}-{variant.replace(' ', '').replace(',', '-')}"
+        auditor = DMAuditor(engine, prior=args.prior, log_dir=log_dir, every=every,
                             mode=mode, steps=args.sampler_steps, max_reconstructions=args.max_reconstructions,
                             queue_size=args.steps // args.every + 1, device=device, **niceness)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,

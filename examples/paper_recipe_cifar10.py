@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--mode", choices=("inline", "shadow"), default="inline")
     parser.add_argument("--data", default="./data")
-    parser.add_argument("--log-dir", default="runs/paper-recipe")
+    parser.add_argument("--log-dir", default=None, help="default: a new runs/audit-<date>-<time>")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
