@@ -78,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train-prior", help="train a diffusion prior (DDPMPipeline folder)")
     train.add_argument("--images", required=True, help="training images (e.g. fashion-mnist:train)")
     train.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
-    train.add_argument("--resolution", type=_positive_int, default=32)
-    train.add_argument("--channels", type=int, choices=(1, 3), default=1)
+    train.add_argument("--resolution", type=_positive_int, default=None,
+                       help="side of the prior's square images (default: 32 for images up to 32x32, else their size)")
+    train.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: the images' channels")
     train.add_argument("--model-size", choices=("tiny", "small", "base"), default="small")
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=_positive_float, default=None)
@@ -201,8 +202,10 @@ def _train_prior(args: argparse.Namespace) -> int:
                              device=args.device, progress=not args.no_progress, data_description=description)
     except (FileExistsError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
-    print(f"trained {result.steps} steps ({result.images_seen} images) in {result.seconds / 60:.1f} min on "
-          f"{result.device}; final loss {result.final_loss:.4f}; {result.parameters:,} parameters")
+    trained = result.config
+    print(f"trained a {trained.resolution}x{trained.resolution}, {trained.channels}-channel prior: {result.steps} steps "
+          f"({result.images_seen} images) in {result.seconds / 60:.1f} min on {result.device}; final loss "
+          f"{result.final_loss:.4f}; {result.parameters:,} parameters")
     print(f"wrote {result.path} (load with DiffusionPrior.from_pretrained or --prior {result.path})")
     return 0
 

@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,8 +60,10 @@ class PriorTrainingConfig:
     """Settings of :func:`train_prior`; saved next to the pipeline as ``training_config.json``.
 
     Attributes:
-        resolution: side of the square images the prior models (data are padded or resized to it).
-        channels: 1 (gray) or 3 (RGB).
+        resolution: side of the square images the prior models (data are padded or resized to it). ``None``: from
+            the data (32 for images up to 32×32, padded as the shipped prior's were; otherwise their larger side,
+            rounded up to a multiple of the UNet's downsampling), so that the prior can hold the images' detail.
+        channels: 1 (gray) or 3 (RGB). ``None``: the data's, so that a prior for colour images keeps the colour.
         model_size: "tiny", "small" or "base" (see ``MODEL_SIZES``).
         epochs: passes over the data; ignored when ``minutes`` is given.
         minutes: wall-clock budget for the optimisation steps instead of a number of epochs.
@@ -77,8 +79,8 @@ class PriorTrainingConfig:
         save_fp16: store the saved UNet weights in float16 (half the size; loads as float32 for use).
     """
 
-    resolution: int = 32
-    channels: int = 1
+    resolution: int | None = None
+    channels: int | None = None
     model_size: str = "small"
     epochs: float = 1.0
     minutes: float | None = None
@@ -93,13 +95,27 @@ class PriorTrainingConfig:
     checkpoint_every: int = 2000
     save_fp16: bool = True
 
+    @property
+    def downsampling(self) -> int:
+        """The factor by which the UNet shrinks its input: the resolution must be a multiple of it."""
+        return 2 ** (len(MODEL_SIZES[self.model_size]["block_out_channels"]) - 1)
+
+    def for_images(self, images: torch.Tensor) -> "PriorTrainingConfig":
+        """A copy with the resolution and channels left at ``None`` taken from ``images`` (``N×C×H×W``)."""
+        side = max(int(images.shape[-2]), int(images.shape[-1]))
+        resolution = self.resolution
+        if resolution is None:
+            resolution = 32 if side <= 32 else -(-side // self.downsampling) * self.downsampling
+        return replace(self, resolution=resolution, channels=self.channels or int(images.shape[1]))
+
     def validate(self) -> None:
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {self.model_size!r}")
-        if self.channels not in (1, 3):
+        if self.channels is not None and self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if self.resolution < 8 or self.resolution % 2**(len(MODEL_SIZES[self.model_size]["block_out_channels"]) - 1):
-            raise ValueError(f"resolution {self.resolution} is too small or not divisible by the UNet's downsampling")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % self.downsampling):
+            raise ValueError(f"resolution {self.resolution} is too small or not divisible by the UNet's downsampling "
+                             f"({self.downsampling})")
         if self.minutes is None and not self.epochs > 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.minutes is not None and not self.minutes > 0:
@@ -120,6 +136,7 @@ class PriorTrainingOutput:
     parameters: int
     device: str
     losses: list[float] = field(default_factory=list)
+    config: PriorTrainingConfig | None = None  # as trained: resolution and channels resolved from the data
 
 
 def build_unet(*, resolution: int, channels: int, model_size: str):
@@ -183,6 +200,8 @@ def train_prior(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     data = images if isinstance(images, torch.Tensor) else load_images(images)
+    config = config.for_images(data)
+    config.validate()
     data, adaptation = adapt_to_prior(data, resolution=config.resolution, channels=config.channels)
     data = (data * 2.0 - 1.0).to(device)  # the DM's [-1, 1] scale, padded borders at -1
     count = data.shape[0]
@@ -310,6 +329,7 @@ def train_prior(
         parameters=sum(p.numel() for p in ema_unet.parameters()),
         device=_device_name(device),
         losses=losses,
+        config=config,
     )
     _write_model_card(out, result, config, count=count, source=data_description or _describe_source(images),
                       adaptation=adaptation.describe())

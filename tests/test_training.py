@@ -25,6 +25,20 @@ def test_train_resume_and_load(tmp_path, fashion_images):
     assert json.loads((out / "training_config.json").read_text())["model_size"] == "tiny"
 
 
+def test_the_prior_takes_the_datas_channels_and_size_unless_told(tmp_path, fashion_images):
+    colour = torch.nn.functional.interpolate(fashion_images[:16], size=44).expand(-1, 3, -1, -1).contiguous()
+    config = PriorTrainingConfig(model_size="tiny", epochs=1, batch_size=16, warmup_steps=1)
+    trained = train_prior(colour, tmp_path / "colour", config=config, device="cpu", progress=False)
+    unet = DDPMPipeline.from_pretrained(tmp_path / "colour").unet.config
+    # Colour kept; 44 rounded up to the tiny UNet's downsampling (2) is 44 itself, so nothing is resized away.
+    assert (unet.in_channels, unet.sample_size) == (3, 44) == (trained.config.channels, trained.config.resolution)
+    assert config.resolution is None and config.channels is None  # the caller's config is left as it was
+    assert PriorTrainingConfig(model_size="base").for_images(torch.zeros(1, 1, 50, 36)).resolution == 56
+    assert PriorTrainingConfig().for_images(fashion_images[:1]).resolution == 32  # 28x28: padded, as shipped
+    told = PriorTrainingConfig(resolution=16, channels=1).for_images(colour)
+    assert (told.resolution, told.channels) == (16, 1)
+
+
 def test_training_config_is_validated(tmp_path):
     with pytest.raises(ValueError, match="model_size"):
         train_prior(torch.rand(4, 1, 8, 8), tmp_path, config=PriorTrainingConfig(model_size="huge"))
