@@ -186,7 +186,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _train_prior(args: argparse.Namespace) -> int:
     from opacus_dmaudit.data import load_images
-    from opacus_dmaudit.training import PriorTrainingConfig, train_prior
+    from opacus_dmaudit.training import CHECKPOINT_NAME, PriorTrainingConfig, train_prior
 
     config = PriorTrainingConfig(
         resolution=args.resolution, channels=args.channels, model_size=args.model_size,
@@ -206,7 +206,8 @@ def _train_prior(args: argparse.Namespace) -> int:
     print(f"trained a {trained.resolution}x{trained.resolution}, {trained.channels}-channel prior: {result.steps} steps "
           f"({result.images_seen} images) in {result.seconds / 60:.1f} min on {result.device}; final loss "
           f"{result.final_loss:.4f}; {result.parameters:,} parameters")
-    print(f"wrote {result.path} (load with DiffusionPrior.from_pretrained or --prior {result.path})")
+    print(f"wrote {result.path} (load with DiffusionPrior.from_pretrained or --prior {result.path}; its "
+          f"{CHECKPOINT_NAME} is only for --resume, so leave it out when you share the prior)")
     return 0
 
 
