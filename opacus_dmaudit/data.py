@@ -292,7 +292,7 @@ class Adaptation:
         if not lost:
             return None
         return (f"reconstructions lose {' and '.join(lost)}, which caps their scores even without noise; a prior "
-                "trained on images like these keeps it (opacus-dmaudit train-prior)")
+                "trained on images like these avoids that (opacus-dmaudit train-prior)")
 
 
 def _map_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
