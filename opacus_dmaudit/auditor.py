@@ -782,6 +782,11 @@ class DMAuditor:
         if self._closed:
             return
         self._closed = True
+        if self._model is None and wait:
+            # The one mistake that leaves no other trace: an auditor created after make_private audits nothing.
+            logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "
+                           "nothing: create it before privacy_engine.make_private(...) or call "
+                           "auditor.attach(model, optimizer)")
         if self.active:
             if not wait:
                 self._drop_queued()

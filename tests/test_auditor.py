@@ -556,3 +556,25 @@ def test_each_run_logs_to_a_new_folder_unless_told_otherwise(tmp_path, tiny_prio
         with DMAuditor(prior=tiny_prior_dir, log_dir=auditor.log_dir):
             pass
     assert "already holds the audit logs of an earlier run" in caplog.text
+
+
+def test_an_auditor_created_after_make_private_says_it_audited_nothing(tmp_path, fashion_images, tiny_prior_dir,
+                                                                      caplog):
+    engine = PrivacyEngine(accountant="rdp")
+    model = tiny_cnn()
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+        data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fashion_images[:32],
+                                                                               torch.zeros(32, dtype=torch.long))))
+    late = DMAuditor(engine, **audit_kwargs(tmp_path / "late", tiny_prior_dir, every=1))
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        late.close()
+    assert not late.records and "never attached" in caplog.text and "attach(model, optimizer)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        DMAuditor(engine, **audit_kwargs(tmp_path / "attached", tiny_prior_dir)).attach(model, optimizer).close()
+    assert "never attached" not in caplog.text
