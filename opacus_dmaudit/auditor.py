@@ -22,6 +22,7 @@ Each image keeps its own seed, so a DDIM reconstruction does not depend on which
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -301,6 +302,8 @@ class DMAuditor:
                 self._stream = torch.cuda.Stream(self.prior.device)
             self._worker = threading.Thread(target=self._work, name="opacus-dmaudit", daemon=True)
             self._worker.start()
+            # The worker is a daemon thread, so a script that ends without close() would lose its queued audits.
+            atexit.register(self._close_at_exit)
             self.writer.config(self.settings())
         if privacy_engine is not None:
             self._intercept(privacy_engine)
@@ -782,6 +785,7 @@ class DMAuditor:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._close_at_exit)
         if self._model is None and wait:
             # The one mistake that leaves no other trace: an auditor created after make_private audits nothing.
             logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "
@@ -804,6 +808,13 @@ class DMAuditor:
             final["hparam/epsilon"] = last.epsilon
             self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
         self.writer.close()
+
+    def _close_at_exit(self) -> None:
+        if not self._closed:
+            logger.warning("opacus_dmaudit: the program is ending without auditor.close(): finishing the %d queued "
+                           "audit(s) and the logs now (call close() yourself to choose when, or close(wait=False) to "
+                           "drop them)", self._queue.qsize())
+            self.close()
 
     def _drop_queued(self) -> None:
         dropped = 0

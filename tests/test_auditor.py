@@ -4,6 +4,7 @@ import inspect
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -578,3 +579,30 @@ def test_an_auditor_created_after_make_private_says_it_audited_nothing(tmp_path,
     with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
         DMAuditor(engine, **audit_kwargs(tmp_path / "attached", tiny_prior_dir)).attach(model, optimizer).close()
     assert "never attached" not in caplog.text
+
+
+def test_a_script_that_never_closes_the_auditor_still_gets_every_queued_audit(tmp_path, tiny_prior_dir):
+    # The worker is a daemon thread: without the exit hook the interpreter would kill it with audits still queued.
+    script = f"""
+import torch, torch.nn as nn
+from opacus import PrivacyEngine
+from opacus_dmaudit import DMAuditor, load_images
+images = load_images("fashion-mnist", limit=128)
+engine = PrivacyEngine(accountant="rdp")
+auditor = DMAuditor(engine, prior={tiny_prior_dir!r}, log_dir={str(tmp_path / "audit")!r}, every=1, steps=3,
+                    queue_size=10, batch_audits=1, on_audit=lambda record: __import__("time").sleep(0.5))
+model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+model, optimizer, loader = engine.make_private(
+    module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+    data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(128).long()),
+                                            batch_size=32), poisson_sampling=False)
+for x, y in loader:
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ending without auditor.close()" in done.stderr
+    assert len((tmp_path / "audit" / "audits.jsonl").read_text().splitlines()) == 4
+    assert (tmp_path / "audit" / "hparams").is_dir()  # close() ran to the end
