@@ -810,11 +810,14 @@ class DMAuditor:
         self.writer.close()
 
     def _close_at_exit(self) -> None:
-        if not self._closed:
-            logger.warning("opacus_dmaudit: the program is ending without auditor.close(): finishing the %d queued "
-                           "audit(s) and the logs now (call close() yourself to choose when, or close(wait=False) to "
-                           "drop them)", self._queue.qsize())
-            self.close()
+        if self._closed:
+            return
+        unfinished = self._queue.unfinished_tasks  # queued, and the one the worker may be on
+        if unfinished:
+            logger.warning("opacus_dmaudit: the program is ending without auditor.close(): finishing %d audit(s) and "
+                           "the logs now (call close() yourself to choose when, or close(wait=False) to drop them)",
+                           unfinished)
+        self.close()
 
     def _drop_queued(self) -> None:
         dropped = 0

@@ -43,9 +43,14 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
     if on_auditor is not None:
         on_auditor(auditor)
     max_grad_norm = 1.0 if clipping == "flat" else [1.0] * 4
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-                                                   poisson_sampling=poisson, clipping=clipping)
+    try:
+        model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                       noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                                                       poisson_sampling=poisson, clipping=clipping)
+    except Exception:
+        if auditor is not None:
+            auditor.close()
+        raise
     done = 0
     while done < steps:
         batches = loader
@@ -444,10 +449,10 @@ def test_inputs_the_auditor_cannot_read_are_named_once_and_never_stop_training(t
         auditor = DMAuditor(engine, **audit_kwargs(tmp_path / mode, tiny_prior_dir, mode=mode, every=1))
         model = nn.Linear(flat.shape[1], 10)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(flat, labels), batch_size=16)
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
-            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
         with auditor:
+            model, optimizer, loader = engine.make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
             for x, y in loader:
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(forward(model, x), y).backward()
