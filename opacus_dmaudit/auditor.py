@@ -423,7 +423,7 @@ class DMAuditor:
             # in grad_sample_mode="ew") while the training thread runs. Restored each step, the copy stays valid.
             self._block_copy = self.block.cpu_copy()
             self._capture = GradientCapture(optimizer, self.block.imprint, should_capture=self._is_audited,
-                                            after_step=self._after_step)
+                                            after_step=self._after_step, on_error=self._failed)
             restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
             self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
         else:
@@ -463,6 +463,8 @@ class DMAuditor:
         started = time.perf_counter()
         try:
             self._enqueue(step)
+        except Exception:  # it runs inside the user's optimizer.step(): count and log it, never raise it there
+            self._failed()
         finally:
             self._hook_seconds += time.perf_counter() - started
 
@@ -489,6 +491,8 @@ class DMAuditor:
         accountant = getattr(self._engine, "accountant", None)
         latest = self._capture.latest if self._capture is not None else None
         captured = latest if latest is not None and latest.step == step else None  # inline: this step's capture
+        if self.mode == "inline" and captured is None:
+            return  # the capture failed, and was counted and logged where it did
         job = _Job(
             step=step,
             batch=torch.cat(pending),

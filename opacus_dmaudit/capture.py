@@ -105,6 +105,8 @@ class GradientCapture:
         on_capture: called with each :class:`CapturedGradients`, on the training thread; keep it short.
         keep_clean: also copy the clean clipped sums (the oracle).
         after_step: called with the step number after every real (not skipped) step, captured or not.
+        on_error: called (inside ``except``) instead of raising when capturing fails; the hook runs inside the
+            training loop's ``optimizer.step()``, where a monitor's exception must not land.
 
     Raises:
         PerLayerClippingError: for per-layer clipping optimizers.
@@ -120,6 +122,7 @@ class GradientCapture:
         on_capture: Callable[[CapturedGradients], None] | None = None,
         keep_clean: bool = True,
         after_step: Callable[[int], None] | None = None,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         from opacus.optimizers import DPPerLayerOptimizer
 
@@ -141,6 +144,7 @@ class GradientCapture:
         self.on_capture = on_capture
         self.keep_clean = keep_clean
         self.after_step = after_step
+        self.on_error = on_error
         self.steps = 0
         self.capture_seconds = 0.0  # training-thread time spent copying gradients (benchmarks report it)
         self.latest: CapturedGradients | None = None
@@ -154,6 +158,10 @@ class GradientCapture:
                 started = time.perf_counter()
                 self._capture(optimizer)
                 self.capture_seconds += time.perf_counter() - started
+        except Exception:
+            if self.on_error is None:
+                raise
+            self.on_error()
         finally:
             if self.after_step is not None:
                 self.after_step(self.steps)

@@ -180,6 +180,10 @@ class ImprintBlock(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"the imprint block needs float inputs (its gradient reaches them through a float shift), "
                             f"got {x.dtype}: convert the images to float before the model")
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"the imprint block was made for inputs N×{'×'.join(map(str, self.image_shape))}, got "
+                             f"{tuple(x.shape)}: its rows have one weight per pixel, so inline auditing needs one input "
+                             "size (use mode='shadow' for inputs of several sizes)")
         level = self.activations(x).mean(dim=1)
         # Zero in value, gain * d(level) in gradient: the model's inputs stay bit-identical.
         shift = self.gain * (level - level.detach())

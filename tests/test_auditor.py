@@ -611,3 +611,24 @@ for x, y in loader:
     assert "ending without auditor.close()" in done.stderr
     assert len((tmp_path / "audit" / "audits.jsonl").read_text().splitlines()) == 4
     assert (tmp_path / "audit" / "hparams").is_dir()  # close() ran to the end
+
+
+def test_an_audit_that_fails_on_the_training_thread_never_reaches_the_training_loop(tmp_path, fashion_images,
+                                                                                    tiny_prior_dir, caplog):
+    # Gradient accumulation over micro-batches of two image sizes (a pooling model takes both): the audited batch
+    # cannot be put together, inside the user's optimizer.step(). Training goes on; the failure is counted and logged.
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    padded = nn.functional.pad(fashion_images[:32], (2, 2, 2, 2))
+    labels = torch.zeros(32, dtype=torch.long)
+    model, optimizer, _, auditor = private_run(fashion_images[:64], batch=32, sigma=1.0, model=pooled,
+                                               auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=1))
+    with caplog.at_level(logging.ERROR, logger="opacus_dmaudit"), auditor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(fashion_images[:32]), labels).backward()
+            nn.functional.cross_entropy(model(padded), labels).backward()
+            optimizer.step()
+    assert auditor.errors == 2 and not auditor.records and "Sizes of tensors must match" in caplog.text
+    # Inline, the imprint block is part of the model and has one weight per pixel: it names the problem itself.
+    with pytest.raises(ValueError, match=r"made for inputs N×1×28×28, got \(32, 1, 32, 32\).*mode='shadow'"):
+        ImprintBlock(image_shape=(1, 28, 28))(padded)

@@ -98,6 +98,32 @@ def test_capture_chains_the_accountant_hook(fashion_images):
     assert optimizer.step_hook is previous is not None  # the accountant's hook is back
 
 
+def test_a_failing_capture_goes_to_on_error_and_the_step_still_happens(fashion_images):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:128], sigma=1.0)
+    failures, after = [], []
+
+    def failing(step):
+        raise RuntimeError(f"capture broke at step {step}")
+
+    capture = GradientCapture(optimizer, block.imprint, should_capture=failing, after_step=after.append,
+                              on_error=lambda: failures.append(step_error()))
+    step_error = lambda: str(__import__("sys").exc_info()[1])  # noqa: E731  (on_error runs inside except)
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert failures == ["capture broke at step 1", "capture broke at step 2"] and after == [1, 2]
+    assert engine.accountant.history[0][2] == 2 and capture.latest is None  # both steps taken and accounted
+    bare = GradientCapture(optimizer, block.imprint, should_capture=failing)
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="capture broke"):  # without on_error the exception is the caller's
+        optimizer.step()
+    bare.detach()
+    capture.detach()
+
+
 def test_attacker_scales_without_clean_sums(fashion_images):
     engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:64], sigma=0.0)
     capture = GradientCapture(optimizer, block.imprint, keep_clean=False)
