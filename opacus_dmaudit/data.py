@@ -133,9 +133,13 @@ def _load_folder(folder: Path) -> torch.Tensor:
                 arrays.append(np.asarray(img.convert("RGB" if img.mode not in ("L", "I;16") else "L")))
         except (UnidentifiedImageError, OSError) as exc:
             raise ImageLoadError(f"cannot read image {file}: {exc}") from None
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ImageLoadError(f"images in {folder} differ in size ({sorted(shapes)[:3]}...); resize them to one size")
+    if any(a.ndim == 3 for a in arrays):
+        # Colour folders often hold a few grayscale files (ImageNet does): gray to RGB loses nothing.
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
+    sizes = sorted({a.shape[:2] for a in arrays})
+    if len(sizes) > 1:
+        raise ImageLoadError(f"images in {folder} differ in size ({', '.join(f'{h}x{w}' for h, w in sizes[:3])}"
+                             f"{', ...' if len(sizes) > 3 else ''}); resize them to one size")
     return _array_to_images(np.stack(arrays), source=str(folder))
 
 

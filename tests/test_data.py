@@ -53,6 +53,13 @@ def test_numpy_folder_and_dataset_sources(tmp_path):
         assert torch.allclose(load_images(source), expected)
     dataset = torch.utils.data.TensorDataset(expected, torch.zeros(3))
     assert torch.allclose(load_images(dataset, limit=2), expected[:2])
+    # A grayscale file among colour ones (ImageNet has them) joins as RGB; only a real size difference is refused.
+    Image.fromarray(rgb[0, :, :, 0]).save(folder / "3-gray.png")
+    mixed = load_images(folder)
+    assert mixed.shape == (4, 3, 8, 8) and torch.equal(mixed[3], expected[0, :1].expand(3, -1, -1))
+    Image.fromarray(rng.integers(0, 256, size=(9, 8, 3), dtype=np.uint8)).save(folder / "4-taller.png")
+    with pytest.raises(ImageLoadError, match=r"differ in size \(8x8, 9x8\); resize them"):
+        load_images(folder)
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
