@@ -795,6 +795,9 @@ class DMAuditor:
             logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "
                            "nothing: create it before privacy_engine.make_private(...) or call "
                            "auditor.attach(model, optimizer)")
+        elif 0 < self._steps < self.every and self.active:
+            logger.warning("opacus_dmaudit: the run took %d optimizer step(s), fewer than every=%d, so nothing was "
+                           "audited: pass a smaller every", self._steps, self.every)
         if self.active:
             if not wait:
                 self._drop_queued()

@@ -582,8 +582,14 @@ def test_an_auditor_created_after_make_private_says_it_audited_nothing(tmp_path,
     assert not late.records and "never attached" in caplog.text and "attach(model, optimizer)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
-        DMAuditor(engine, **audit_kwargs(tmp_path / "attached", tiny_prior_dir)).attach(model, optimizer).close()
-    assert "never attached" not in caplog.text
+        short = DMAuditor(engine, **audit_kwargs(tmp_path / "short", tiny_prior_dir, every=50)).attach(model, optimizer)
+        for x, y in loader:  # 32 steps (batches of one), and every=50
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        short.close()
+    assert "never attached" not in caplog.text and not short.records
+    assert "the run took 32 optimizer step(s), fewer than every=50, so nothing was audited" in caplog.text
 
 
 def test_a_script_that_never_closes_the_auditor_still_gets_every_queued_audit(tmp_path, tiny_prior_dir):
