@@ -281,6 +281,7 @@ class DMAuditor:
         self.block: ImprintBlock | None = None
         self._block_copy: ImprintBlock | None = None
         self._engine = privacy_engine
+        self._intercepted: list[tuple[str, Callable, Callable]] = []  # (method name, wrapper, what it wraps)
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
         self._pending: list[torch.Tensor] = []
@@ -330,7 +331,25 @@ class DMAuditor:
     def _intercept(self, engine) -> None:
         for name in ("make_private", "make_private_with_epsilon"):
             original = getattr(engine, name)
-            setattr(engine, name, self._wrap_make_private(original))
+            # An engine used for another run keeps the last auditor's wrapper: this auditor takes its place rather
+            # than stacking on it (the old one would try to attach a second time).
+            while getattr(original, "_dmauditor", None) is not None:
+                original = original.__wrapped__
+            wrapper = self._wrap_make_private(original)
+            setattr(engine, name, wrapper)
+            self._intercepted.append((name, wrapper, original))
+
+    def _release_engine(self) -> None:
+        """Give the engine its make_private methods back (where they are still this auditor's wrappers)."""
+        engine = self._engine
+        for name, wrapper, original in self._intercepted:
+            if vars(engine).get(name) is not wrapper:
+                continue  # a later auditor (or someone else) has taken the slot: theirs now
+            if original == getattr(type(engine), name).__get__(engine, type(engine)):
+                delattr(engine, name)  # the class's own method shows again
+            else:
+                setattr(engine, name, original)  # a wrapper that was there before this auditor's
+        self._intercepted.clear()
 
     def _wrap_make_private(self, original: Callable) -> Callable:
         def make_private(*args, **kwargs):
@@ -366,6 +385,7 @@ class DMAuditor:
             return result
 
         make_private.__wrapped__ = original  # type: ignore[attr-defined]
+        make_private._dmauditor = self  # type: ignore[attr-defined]
         return make_private
 
     def _calibration_sample(self, data_loader) -> torch.Tensor:
@@ -805,6 +825,7 @@ class DMAuditor:
             self._worker.join()
         for handle in self._handles:
             handle.remove()
+        self._release_engine()
         if self._capture is not None:
             self._capture.detach()
         if not self.active:

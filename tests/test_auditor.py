@@ -638,3 +638,34 @@ def test_an_audit_that_fails_on_the_training_thread_never_reaches_the_training_l
     # Inline, the imprint block is part of the model and has one weight per pixel: it names the problem itself.
     with pytest.raises(ValueError, match=r"made for inputs N×1×28×28, got \(32, 1, 32, 32\).*mode='shadow'"):
         ImprintBlock(image_shape=(1, 28, 28))(padded)
+
+
+def test_an_engine_used_for_a_second_run_takes_the_new_auditor(tmp_path, fashion_images, tiny_prior_dir):
+    engine = PrivacyEngine(accountant="rdp")
+    labels = torch.zeros(64, dtype=torch.long)
+
+    def run(auditor):
+        model = tiny_cnn()
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False,
+            data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fashion_images[:64], labels),
+                                                    batch_size=32))
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    first = DMAuditor(engine, **audit_kwargs(tmp_path / "1", tiny_prior_dir, every=1))
+    run(first)
+    first.close()
+    assert "make_private" not in vars(engine)  # close() gave the engine its own methods back
+    second = DMAuditor(engine, **audit_kwargs(tmp_path / "2", tiny_prior_dir, every=1))
+    run(second)
+    third = DMAuditor(engine, **audit_kwargs(tmp_path / "3", tiny_prior_dir, every=1, mode="inline"))
+    run(third)  # the second is still open: the third takes its place on the engine instead of stacking on it
+    for auditor in (second, third):
+        auditor.close()
+    assert [len(a.records) for a in (first, second, third)] == [2, 2, 2] and second.errors == third.errors == 0
+    assert {r.mode for r in third.records} == {"inline"}
+    assert "make_private" not in vars(engine) and "make_private_with_epsilon" not in vars(engine)
