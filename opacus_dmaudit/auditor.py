@@ -216,6 +216,9 @@ class DMAuditor:
         on_audit: Callable[[AuditRecord], None] | None = None,
         worker_niceness: int = 10,
     ) -> None:
+        if privacy_engine is not None and not callable(getattr(privacy_engine, "make_private", None)):
+            raise TypeError(f"the first argument must be the opacus PrivacyEngine (or None, then call attach()), got "
+                            f"{type(privacy_engine).__name__}")
         if mode not in ("shadow", "inline"):
             raise ValueError(f"mode must be 'shadow' or 'inline', got {mode!r}")
         if imprint not in ("sparse", "cumulative"):

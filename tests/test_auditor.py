@@ -531,6 +531,9 @@ def test_arguments_that_cannot_work_are_refused_at_creation(tmp_path, fashion_im
                          (dict(calibration_images=fashion_images.numpy()), "must be a tensor")):
         with pytest.raises((ValueError, TypeError), match=message):
             DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", **bad)
+    with pytest.raises(TypeError, match="must be the opacus PrivacyEngine .*got Sequential"):
+        DMAuditor(tiny_cnn(), prior=tiny_prior_dir, log_dir=tmp_path / "x")  # the model passed by mistake
+    assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
 def test_colour_images_with_a_gray_prior_are_audited_and_the_lost_colour_is_named(tmp_path, fashion_images,
