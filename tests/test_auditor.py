@@ -78,7 +78,7 @@ def private_run(images, *, batch, sigma, auditor_kwargs, model=None):
     """A tiny CNN (or ``model``) made private with an auditor attached, for tests that write their own loop: model,
     optimizer, loader (no Poisson sampling) and auditor."""
     torch.manual_seed(0)
-    model = model or tiny_cnn()
+    model = model if model is not None else tiny_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, torch.randint(0, 10, (len(images),))), batch_size=batch)
@@ -520,7 +520,7 @@ def test_images_outside_pixel_space_are_flagged_when_the_normalisation_is_not_un
             tmp_path / "b", tiny_prior_dir, input_mean=0.5, input_std=0.5))
     assert len(auditor.records) == 1 and not auditor.records[0].notes and "pixel space" not in caplog.text
     notes: list[str] = []
-    DMAuditor._check_pixel_range(auditor, fashion_images * 255, notes)  # e.g. uint8 inputs scaled in the model
+    auditor._check_pixel_range(fashion_images * 255, notes)  # e.g. uint8 inputs scaled in the model
     assert "lie in [0, 255]" in notes[0] and "0-255 inputs take input_std=1/255" in notes[0]
 
 
