@@ -25,7 +25,8 @@ import torch
 
 from opacus_dmaudit.bounds import mu_gdp, rero_bound_dpsgd, rero_bound_gdp, schedule_epsilon
 from opacus_dmaudit.data import adapt_to_prior, restore_from_prior
-from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, reconstruction_errors, success_rates, summarize
+from opacus_dmaudit.metrics import (SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, reconstruction_errors,
+                                    success_rates, summarize)
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import recover_images
 from opacus_dmaudit.report import (image_grid, make_private_dir, protect_tree, save_image_grid, write_json,
@@ -78,6 +79,16 @@ class SweepConfig:
             raise ValueError(f"target epsilons must be positive, got {list(self.target_epsilons)}")
         if self.success_metric not in SUCCESS_THRESHOLDS:
             raise ValueError(f"success_metric must be one of {', '.join(SUCCESS_THRESHOLDS)}")
+        if not self.success_eta > 0:
+            raise ValueError(f"success_eta must be positive, got {self.success_eta}")
+
+    @property
+    def thresholds(self) -> dict[str, tuple[float, ...]]:
+        """The success thresholds to score: the usual ones, plus ``success_eta`` for ``success_metric`` (so the
+        recommendation is made at exactly the eta asked for)."""
+        thresholds = dict(SUCCESS_THRESHOLDS)
+        thresholds[self.success_metric] = tuple(sorted({*thresholds[self.success_metric], float(self.success_eta)}))
+        return thresholds
 
     @property
     def training_steps(self) -> int:
@@ -129,7 +140,8 @@ class SweepResult:
 
 
 def estimate_kappa(prior: DiffusionPrior, targets: torch.Tensor, *, metrics: ImageMetrics, samples: int,
-                   sampler: str, steps: int, seed: int) -> dict[str, float]:
+                   sampler: str, steps: int, seed: int,
+                   thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, float]:
     """Baseline success rates: how often a draw from the prior alone is within eta of a target, per metric@eta."""
     draws = prior.sample(samples, sampler=sampler, steps=steps, seed=seed)
     _, adaptation = adapt_to_prior(targets[:1], resolution=prior.resolution, channels=prior.channels)
@@ -138,12 +150,12 @@ def estimate_kappa(prior: DiffusionPrior, targets: torch.Tensor, *, metrics: Ima
     for draw in draws:
         values = metrics(draw.expand_as(targets), targets)
         for name, tensor in values.items():
-            if tensor is not None and name in SUCCESS_THRESHOLDS:
+            if tensor is not None and name in thresholds:
                 errors.setdefault(name, []).append(reconstruction_errors(name, tensor))
     kappa = {}
     for name, chunks in errors.items():
         stacked = torch.stack(chunks)
-        for eta in SUCCESS_THRESHOLDS[name]:
+        for eta in thresholds[name]:
             # Never exactly 0: the bound needs kappa in (0, 1); half a hit is the usual continuity correction.
             kappa[f"{name}@{eta:g}"] = max(float((stacked <= eta).double().mean()), 0.5 / stacked.numel())
     return kappa
@@ -201,7 +213,7 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
         noise_std=dict(zip(("q10", "median", "q90"), quantiles)),
         t_start_median=float(output.t_start.double().median()) if noisy.shape[0] else math.nan,
         noisy=summarize(noisy_values), reconstructed=summarize(recon_values),
-        success=success_rates(recon_values), kappa=dict(kappa), rero_bound=bounds,
+        success=success_rates(recon_values, config.thresholds), kappa=dict(kappa), rero_bound=bounds,
         rero_bound_attack={key: rero_bound_gdp(mu_gdp(sigma, config.links), k) for key, k in kappa.items()},
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -243,6 +255,9 @@ def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfi
     """
     config = config or SweepConfig()
     config.validate()
+    if config.success_metric == "lpips" and not lpips_status().available:
+        # Refused now rather than after the whole sweep, whose recommendation would have had nothing to go by.
+        raise ValueError(f"success_metric 'lpips' cannot be scored here: {lpips_status().reason}; choose ssim or mse")
     if config.target_epsilons is not None:
         from opacus.accountants.utils import get_noise_multiplier
 
@@ -254,7 +269,7 @@ def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfi
     images = images.detach().float().cpu()
     metrics = ImageMetrics(metrics=("mse", "psnr", "ssim", "lpips"))
     kappa = estimate_kappa(prior, images, metrics=metrics, samples=config.kappa_samples, sampler=config.sampler,
-                           steps=config.steps, seed=config.seed)
+                           steps=config.steps, seed=config.seed, thresholds=config.thresholds)
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from opacus_dmaudit.metrics import lpips_status
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.sweep import SweepConfig, run_sweep
 
@@ -52,6 +53,26 @@ def test_a_prior_that_loses_colour_puts_a_caveat_on_the_recommendation(fashion_i
     caveat = run_sweep(colour, prior, config=config).recommendation
     assert "lose colour" in caveat["caveat"] and "Caveat: reconstructions lose colour" in caveat["message"]
     assert "caveat" not in run_sweep(gray, prior, config=config).recommendation
+
+
+def test_the_recommendation_is_made_at_the_eta_asked_for(fashion_images, tiny_prior_dir):
+    # 0.4 is not one of the usual thresholds (0.3, 0.5): it used to find no success rate at all and recommend
+    # "sweep larger ones" whatever the figures.
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    config = SweepConfig(noise_multipliers=(100.0,), batch_size=32, bins=64, steps=1, kappa_samples=1,
+                         success_eta=0.4, target_success=1.0)
+    result = run_sweep(fashion_images[:32], prior, config=config)
+    entry = result.entries[0]
+    assert {"ssim@0.3", "ssim@0.4", "ssim@0.5"} <= set(entry.success) == set(entry.kappa) == set(entry.rero_bound)
+    assert entry.success["ssim@0.3"] <= entry.success["ssim@0.4"] <= entry.success["ssim@0.5"]
+    assert result.recommendation["criterion"] == "ssim@0.4" and result.recommendation["noise_multiplier"] == 100.0
+
+
+@pytest.mark.skipif(lpips_status().available, reason="LPIPS-VGG weights are here, so an LPIPS sweep can run")
+def test_an_lpips_sweep_without_lpips_is_refused_before_it_runs(fashion_images, tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    with pytest.raises(ValueError, match="success_metric 'lpips' cannot be scored here: .*choose ssim or mse"):
+        run_sweep(fashion_images[:32], prior, config=SweepConfig(success_metric="lpips"))
 
 
 def test_linking_steps_lowers_the_noise(fashion_images, tiny_prior_dir):
