@@ -689,9 +689,8 @@ class DMAuditor:
         if self.mode == "shadow":
             captured, block = self._shadow_step(job)
         else:
+            # Never None here: _enqueue queues no inline audit whose capture failed.
             captured, block = job.captured, self._block_copy
-            if captured is None:
-                raise RuntimeError(f"no gradients were captured at step {job.step}")
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
         recovered = recover_images(captured, block, scale=self.scale, originals=job.batch,

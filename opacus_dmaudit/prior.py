@@ -368,7 +368,8 @@ class DiffusionPrior:
 
         images = restore_from_prior(((clean + 1.0) / 2.0).clamp(0.0, 1.0), adaptation)
         fallbacks = list(self.reverse_process.fallbacks)
-        notes = fallbacks + [note for note in (adaptation.loss_note(),) if note]
+        lost = adaptation.loss_note()
+        notes = fallbacks + ([lost] if lost else [])
         if from_prior.any():
             notes.append(self.prior_sample_note(int(from_prior.sum()), count))
         return ReconstructionOutput(

@@ -255,9 +255,10 @@ def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfi
     """
     config = config or SweepConfig()
     config.validate()
-    if config.success_metric == "lpips" and not lpips_status().available:
+    lpips = lpips_status()
+    if config.success_metric == "lpips" and not lpips.available:
         # Refused now rather than after the whole sweep, whose recommendation would have had nothing to go by.
-        raise ValueError(f"success_metric 'lpips' cannot be scored here: {lpips_status().reason}; choose ssim or mse")
+        raise ValueError(f"success_metric 'lpips' cannot be scored here: {lpips.reason}; choose ssim or mse")
     if config.target_epsilons is not None:
         from opacus.accountants.utils import get_noise_multiplier
 
