@@ -27,12 +27,13 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,9 @@ logger = logging.getLogger("opacus_dmaudit")
 INLINE_GAIN = 1e3
 # How far outside [0, 1] audited images may reach before the auditor says their normalisation was not undone (room for
 # rounding, not for a normalisation: those move images by tenths at least).
+# Calibrated on the same distribution, about one image in a thousand falls outside the bins (their outer edges
+# leave a margin); a quarter says the model's inputs are not what the calibration sampled.
+OUTSIDE_BINS_LIMIT = 0.25
 PIXEL_RANGE_SLACK = 0.01
 
 
@@ -118,6 +122,35 @@ class _Recovered:
     started: float
 
 
+def sample_image(item):
+    """The image of one dataset sample: the sample itself, the first element of a (image, label) pair, or the only
+    C×H×W tensor of a dict sample (Hugging Face style ``{"pixel_values": ..., "labels": ...}``)."""
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    if isinstance(item, Mapping):
+        images = [value for value in item.values() if isinstance(value, torch.Tensor) and value.ndim == 3]
+        if len(images) != 1:
+            raise ValueError(f"a dict sample needs exactly one C×H×W image tensor, found {len(images)} among keys "
+                             f"{', '.join(map(repr, item))}")
+        return images[0]
+    return item
+
+
+@contextlib.contextmanager
+def preserved_random_state():
+    """Leave Python's, NumPy's and torch's CPU generators as they were (data augmentations draw from them)."""
+    python_state = random.getstate()
+    numpy = sys.modules.get("numpy")
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            if numpy_state is not None:
+                numpy.random.set_state(numpy_state)
+
+
 def image_batch(images, *, what: str) -> torch.Tensor:
     """``images`` as a float CPU tensor, checked to be an N×C×H×W batch of at least two images (the imprint's bins
     are calibrated on it)."""
@@ -169,7 +202,10 @@ class DMAuditor:
             (``cuda_graphs_leave_default_generator_alone``).
         log_originals: include original training images in the grids.
         input_mean / input_std: the model's input normalisation, so images are shown and scored in pixel space.
-        calibration_images: model inputs to calibrate the bins on (default: the training data).
+        calibration_images: model inputs to calibrate the bins on. Default: up to 1,024 samples of the data loader's
+            dataset (image tensors, (image, label) pairs or dicts with one C×H×W tensor), read at ``make_private``;
+            in shadow mode without one (:meth:`attach`), or when the model's inputs do not look like its samples,
+            the first audited batch.
         queue_size: audits waiting for the worker before further ones are dropped.
         batch_audits: at most this many waiting audits share one pass of the prior (1: one pass per audit).
         seed: seed of the auditor's own generators.
@@ -252,6 +288,7 @@ class DMAuditor:
         self.max_reconstructions, self.delta, self.seed = max_reconstructions, float(delta), int(seed)
         self.input_mean, self.input_std = input_mean, input_std
         self.calibration_images = calibration_images
+        self._data_calibration: torch.Tensor | None = None  # shadow mode: a sample of the training data
         self.on_error, self.on_audit = on_error, on_audit
         self.batch_audits = int(batch_audits)
         self.worker_niceness = int(worker_niceness)
@@ -383,6 +420,8 @@ class DMAuditor:
                     kwargs["module"] = DPDDP(inner)
                 else:
                     kwargs["module"] = self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader"))
+            else:
+                self._calibrate_shadow_on(kwargs.get("data_loader"))
             result = original(*args, **kwargs)
             self.attach(result[0], result[1])
             return result
@@ -392,33 +431,57 @@ class DMAuditor:
         return make_private
 
     def _calibration_sample(self, data_loader) -> torch.Tensor:
+        """Up to 1,024 model inputs spread evenly over the data loader's dataset (or ``calibration_images``)."""
         if self.calibration_images is not None:
             return self.calibration_images
         dataset = getattr(data_loader, "dataset", None)
-        if dataset is None:
-            raise ValueError("pass calibration_images=... (no data loader to calibrate the imprint bins on)")
+        if dataset is None or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+            raise ValueError("pass calibration_images=... (no data loader with a map-style dataset to calibrate the "
+                             "imprint bins on)")
         count = min(len(dataset), 1024)
         step = max(1, len(dataset) // count)
-        items = [dataset[i] for i in range(0, step * count, step)]  # the dataset's own errors pass as they are
+        # Random augmentations in the dataset draw from the global generators, which also drive the training
+        # (DP-SGD's noise among it): reading the sample must leave them where they were.
+        with preserved_random_state():
+            items = [dataset[i] for i in range(0, step * count, step)]  # the dataset's own errors pass as they are
         try:
-            samples = torch.stack([torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item)
-                                   for item in items])
-        except Exception as exc:  # e.g. PIL images without ToTensor, or dict samples
+            samples = torch.stack([torch.as_tensor(sample_image(item)) for item in items])
+        except Exception as exc:  # e.g. PIL images without ToTensor
             raise ValueError(f"cannot calibrate the imprint bins on the data loader's dataset ({exc}): its samples "
-                             "must be image tensors or (image tensor, label) pairs; pass calibration_images=... (an "
-                             "N×C×H×W tensor of model inputs) instead") from exc
-        if not samples.is_floating_point():
+                             "must be image tensors, (image tensor, label) pairs or dicts with one C×H×W image tensor; "
+                             "pass calibration_images=... (an N×C×H×W tensor of model inputs) instead") from exc
+        return samples
+
+    def _calibrate_shadow_on(self, data_loader) -> None:
+        """Shadow mode: sample the training data for the shadow imprint's bins, as the inline block is calibrated.
+
+        Without it the bins would fit the first audited batch, whose images they then isolate better than any later
+        batch's. Shadow mode never stops training: a dataset it cannot sample leaves that fallback, with a warning.
+        """
+        if self.calibration_images is not None or data_loader is None or not self.active:
+            return
+        try:
+            self._data_calibration = image_batch(self._calibration_sample(data_loader),
+                                                 what="the data loader's samples")
+        except Exception as exc:
+            if "N×C×H×W" not in str(exc):  # flattened inputs: the forward hook names that problem itself
+                self._warn_once("calibration", f"the shadow imprint's bins are calibrated on the first audited batch, "
+                                f"which they fit better than later ones: {exc}")
+
+    def _check_float_inputs(self, sample: torch.Tensor) -> None:
+        if not sample.is_floating_point():
             # The imprint's gradient reaches the model's input through a float shift: integer inputs carry none.
             raise TypeError(f"mode='inline' needs float model inputs, but the data loader's samples are "
-                            f"{samples.dtype}: convert them to float in the data pipeline (e.g. torchvision's "
+                            f"{sample.dtype}: convert them to float in the data pipeline (e.g. torchvision's "
                             "transforms.v2.ToDtype(torch.float32, scale=True)) and pass input_mean/input_std for any "
                             "scaling, or use mode='shadow'")
-        return samples
 
     def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
         """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with
         ``optimizer`` (learning rate 0; they are also restored after each step)."""
-        sample = image_batch(self._calibration_sample(data_loader), what="the data loader's samples")
+        sample = self._calibration_sample(data_loader)
+        self._check_float_inputs(sample)
+        sample = image_batch(sample, what="the data loader's samples")
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
                              measurement=self.measurement, gain=self.gain, seed=self.seed)
@@ -508,7 +571,7 @@ class DMAuditor:
             if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
                 self._warn_once("no batch", f"step {step} was due for an audit, but no training forward of the "
                                 "private model passed it an image batch (its first positional argument, or its only "
-                                "tensor keyword argument): nothing to audit")
+                                "tensor keyword argument, or its only floating-point N×C×H×W one): nothing to audit")
             return
         optimizer = self._optimizer
         accountant = getattr(self._engine, "accountant", None)
@@ -620,17 +683,43 @@ class DMAuditor:
     def _shadow_step(self, job: _Job) -> tuple[CapturedGradients, ImprintBlock]:
         """One DP-SGD step of the auditor's own imprint model on the batch, through Opacus."""
         if self._shadow is None:
-            sample = self.calibration_images if self.calibration_images is not None else job.batch
-            self._shadow = ShadowImprint(calibration=sample, bins=self.bins, structure=self.structure,
-                                         measurement=self.measurement, gain=self.gain,
-                                         noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
-                                         expected_batch_size=job.expected_batch_size,
-                                         loss_reduction=job.loss_reduction, seed=self.seed)
+            self._shadow = self._shadow_imprint(job)
             self.block = self._shadow.block
         # The user's run may change these (e.g. a noise schedule); follow it.
         captured = self._shadow.step(job.batch, noise_multiplier=job.noise_multiplier,
                                      max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size)
         return captured, self._shadow.block
+
+    def _shadow_imprint(self, job: _Job) -> ShadowImprint:
+        """The shadow imprint model, its bins calibrated on ``calibration_images``, else on the training data sampled
+        at ``make_private``, else (or when the model's inputs do not look like those samples) on this first batch."""
+        def shadow_imprint(calibration: torch.Tensor) -> ShadowImprint:
+            return ShadowImprint(calibration=calibration, bins=self.bins, structure=self.structure,
+                                 measurement=self.measurement, gain=self.gain,
+                                 noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
+                                 expected_batch_size=job.expected_batch_size, loss_reduction=job.loss_reduction,
+                                 seed=self.seed)
+
+        if self.calibration_images is not None:
+            return shadow_imprint(self.calibration_images)
+        sample = self._data_calibration
+        if sample is None:
+            return shadow_imprint(job.batch)
+        if sample.shape[1:] != job.batch.shape[1:]:
+            mismatch = (f"the model's inputs are {'×'.join(map(str, job.batch.shape[1:]))}, the dataset's samples "
+                        f"{'×'.join(map(str, sample.shape[1:]))}")
+        else:
+            shadow = shadow_imprint(sample)
+            outside = shadow.block.assign_bins(job.batch)
+            outside = float(((outside < 0) | (outside >= self.bins)).float().mean())
+            if outside <= OUTSIDE_BINS_LIMIT:
+                return shadow
+            mismatch = (f"{outside:.0%} of the first audited batch lies outside the bins calibrated on the dataset's "
+                        "samples")
+        self._warn_once("calibration", f"{mismatch} (a transform between the data loader and the model?): the "
+                        "shadow imprint's bins are calibrated on the first audited batch instead, which they fit "
+                        "better than later ones; pass calibration_images=... (model inputs) to calibrate on data")
+        return shadow_imprint(job.batch)
 
     def _audit(self, jobs: list[_Job]) -> None:
         """Recover each audit's images, reconstruct all of them in one pass of the prior, then score and log each."""

@@ -36,10 +36,13 @@ MEASUREMENTS = ("brightness", "random", "dct")
 
 def image_argument(args: tuple, kwargs: dict) -> int | str | None:
     """Where a model's forward call has its image batch: its first positional argument (``0``), or else the name of
-    its only tensor keyword argument; ``None`` when neither is a tensor."""
+    its only tensor keyword argument, or of the only floating-point ``N×C×H×W`` one among several (Hugging Face style
+    ``model(pixel_values=x, labels=y)``); ``None`` when there is no such tensor."""
     if args:
         return 0 if isinstance(args[0], torch.Tensor) else None
     names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
+    if len(names) > 1:
+        names = [name for name in names if kwargs[name].ndim == 4 and kwargs[name].is_floating_point()]
     return names[0] if len(names) == 1 else None
 
 
@@ -226,7 +229,7 @@ class ImprintedModel(nn.Module):
         where = image_argument(args, kwargs)
         if where is None:
             raise TypeError("ImprintedModel needs the image batch as the first positional argument of the forward "
-                            "call, or as its only tensor keyword argument")
+                            "call, or as its only tensor (or only floating-point N×C×H×W) keyword argument")
         if isinstance(where, int):
             args = (self.imprint_block(args[0]), *args[1:])
         else:

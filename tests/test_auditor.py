@@ -4,12 +4,14 @@ import inspect
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import threading
 import time
 import warnings
 
+import numpy
 import pytest
 import torch
 import torch.nn as nn
@@ -30,14 +32,37 @@ def tiny_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
 
 
+class RandomFlips(torch.utils.data.Dataset):
+    """Images flipped at random, drawing from torch's, Python's and NumPy's global generators as augmentations do."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        if random.random() < 0.5:
+            image = image.flip(-2)
+        if numpy.random.rand() < 0.5:
+            image = image.flip(-1)
+        return image, self.labels[index]
+
+
 def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson=False, physical=None,
-          clipping="flat", seed=0, on_auditor=None, accountant="rdp"):
+          clipping="flat", seed=0, on_auditor=None, accountant="rdp", augment=False):
     """A plain Opacus training loop; returns the engine, the auditor (or None) and the trained weights."""
     torch.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed)
     labels = torch.randint(0, 10, (images.shape[0],))
     model = tiny_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch)
+    dataset = (RandomFlips if augment else torch.utils.data.TensorDataset)(images, labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
     engine = PrivacyEngine(accountant=accountant)
     auditor = DMAuditor(engine, **auditor_kwargs) if auditor_kwargs is not None else None
     if on_auditor is not None:
@@ -74,14 +99,16 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
     return engine, auditor, weights
 
 
-def private_run(images, *, batch, sigma, auditor_kwargs, model=None):
+def private_run(images, *, batch, sigma, auditor_kwargs, model=None, samples=None):
     """A tiny CNN (or ``model``) made private with an auditor attached, for tests that write their own loop: model,
-    optimizer, loader (no Poisson sampling) and auditor."""
+    optimizer, loader (no Poisson sampling) and auditor. ``samples(image, label)`` makes each dataset sample."""
     torch.manual_seed(0)
     model = model if model is not None else tiny_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(images, torch.randint(0, 10, (len(images),))), batch_size=batch)
+    labels = torch.randint(0, 10, (len(images),))
+    dataset = (torch.utils.data.TensorDataset(images, labels) if samples is None
+               else [samples(image, label) for image, label in zip(images, labels)])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
     engine = PrivacyEngine(accountant="rdp")
     auditor = DMAuditor(engine, **auditor_kwargs)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
@@ -118,11 +145,47 @@ def test_event_files_hold_grids_scalars_and_the_accountants_epsilon(tmp_path, fa
 
 
 def test_shadow_mode_leaves_training_bit_identical(tmp_path, fashion_images, tiny_prior_dir):
-    _, _, plain = train(fashion_images)
-    _, auditor, audited = train(fashion_images, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
-    assert len(auditor.records) == 4
+    # Random augmentations too: the auditor samples the dataset for its bins without moving any global generator.
+    _, _, plain = train(fashion_images, augment=True)
+    _, auditor, audited = train(fashion_images, augment=True, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
+    assert len(auditor.records) == 4 and auditor._data_calibration is not None
     assert plain.keys() == audited.keys()
     assert all(torch.equal(plain[k], audited[k]) for k in plain)
+
+
+def test_shadow_bins_are_calibrated_on_the_training_data_as_inline_ones(tmp_path, fashion_images, tiny_prior_dir):
+    # Calibrated on the first audited batch, the shadow bins isolated every image of that batch (0 collisions at the
+    # first audit, 13-19 at later ones in a 64-image demo): both modes now sample the dataset, so the same batches
+    # collide the same way.
+    collisions = {}
+    for mode in ("shadow", "inline"):
+        _, auditor, _ = train(fashion_images, auditor_kwargs=audit_kwargs(tmp_path / mode, tiny_prior_dir, mode=mode))
+        collisions[mode] = [r.collisions for r in auditor.records]
+    assert len(collisions["shadow"]) == 4 and min(collisions["shadow"]) > 0
+    assert collisions["shadow"] == collisions["inline"]
+
+
+def test_shadow_bins_fit_the_first_batch_when_the_model_sees_other_inputs_than_the_dataset(
+        tmp_path, fashion_images, tiny_prior_dir, caplog):
+    # A transform between the data loader and the model (here a normalisation, then a resize) makes the dataset's
+    # samples a wrong calibration: said once, and the first audited batch calibrates the bins as before.
+    transforms = {"normalised": lambda x: (x - 0.5) / 0.25,
+                  "resized": lambda x: nn.functional.interpolate(x, size=(32, 32), mode="bilinear")}
+    for name, transform in transforms.items():
+        caplog.clear()
+        model, optimizer, loader, auditor = private_run(
+            fashion_images[:64], batch=32, sigma=0.0,
+            model=nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(64, 10)),
+            auditor_kwargs=audit_kwargs(tmp_path / name, tiny_prior_dir, every=1))
+        with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"), auditor:
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(transform(x)), y).backward()
+                optimizer.step()
+        assert auditor.errors == 0 and len(auditor.records) == 2 and auditor.records[0].collisions == 0
+        assert caplog.text.count("calibrated on the first audited batch instead") == 1
+        expected = "outside the bins calibrated" if name == "normalised" else "inputs are 1×32×32, the dataset's"
+        assert expected in caplog.text
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -268,12 +331,12 @@ def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_pr
     with pytest.raises(ValueError, match="every"):
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", every=0)
     # Inline mode calibrates its bins on the loader's dataset: samples it cannot read are named, with the way out.
-    dicts = [{"image": image, "label": 0} for image in fashion_images[:8]]
+    dicts = [{"image": image, "mask": image > 0.5, "label": 0} for image in fashion_images[:8]]
     with DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", mode="inline") as auditor:
         with pytest.raises(ValueError, match="calibration_images=") as error:
             auditor.wrap_model(tiny_cnn(), torch.optim.SGD(tiny_cnn().parameters(), lr=0.1),
                                data_loader=torch.utils.data.DataLoader(dicts))
-    assert "image tensors or (image tensor, label) pairs" in str(error.value)
+    assert "exactly one C×H×W image tensor, found 2 among keys 'image', 'mask', 'label'" in str(error.value)
 
 
 def test_a_pass_of_the_prior_holds_one_audit_padded_to_the_priors_own_buckets(tmp_path, tiny_prior_dir):
@@ -423,20 +486,41 @@ def test_leaving_the_with_block_on_an_exception_drops_queued_audits_instead_of_r
     assert len(lines) == len(auditor.records)
 
 
+class PixelValuesModel(nn.Module):
+    """A Hugging Face style image classifier: ``model(pixel_values=x, labels=y)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_cnn()
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.model(pixel_values)
+        return logits if labels is None else logits + 0 * labels[:, None]
+
+
 @pytest.mark.parametrize("mode", ["shadow", "inline"])
-def test_a_batch_passed_by_keyword_is_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
+@pytest.mark.parametrize("call", ["input", "pixel_values"])
+def test_a_batch_passed_by_keyword_is_audited(tmp_path, fashion_images, tiny_prior_dir, mode, call):
     # nn.Sequential's forward argument is called `input`: a loop that writes model(input=x) is audited like model(x).
+    # Hugging Face models take the labels beside the images, from dict samples: the batch is the only floating-point
+    # N×C×H×W keyword, and the dataset's image the only C×H×W tensor of a sample (the bins are calibrated on it).
+    hugging_face = call == "pixel_values"
     model, optimizer, loader, auditor = private_run(
-        fashion_images[:64], batch=32, sigma=0.0,
+        fashion_images[:64], batch=32, sigma=0.0, model=PixelValuesModel() if hugging_face else None,
+        samples=(lambda image, label: {"pixel_values": image, "labels": label}) if hugging_face else None,
         auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
-    for x, y in loader:
+    for batch in loader:
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(input=x), y).backward()
+        if hugging_face:
+            logits, y = model(**batch), batch["labels"]
+        else:
+            (x, y) = batch
+            logits = model(input=x)
+        nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
     auditor.close()
     assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32]
-    if mode == "inline":
-        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+    assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
 
 
 def test_inputs_the_auditor_cannot_read_are_named_once_and_never_stop_training(tmp_path, fashion_images,
