@@ -151,6 +151,12 @@ def preserved_random_state():
                 numpy.random.set_state(numpy_state)
 
 
+def outside_bins(block: ImprintBlock, batch: torch.Tensor) -> float:
+    """The fraction of ``batch`` whose measurement falls outside the block's bins."""
+    bins = block.assign_bins(batch)
+    return float(((bins < 0) | (bins >= block.bins)).float().mean())
+
+
 def image_batch(images, *, what: str) -> torch.Tensor:
     """``images`` as a float CPU tensor, checked to be an N×C×H×W batch of at least two images (the imprint's bins
     are calibrated on it)."""
@@ -710,8 +716,7 @@ class DMAuditor:
                         f"{'×'.join(map(str, sample.shape[1:]))}")
         else:
             shadow = shadow_imprint(sample)
-            outside = shadow.block.assign_bins(job.batch)
-            outside = float(((outside < 0) | (outside >= self.bins)).float().mean())
+            outside = outside_bins(shadow.block, job.batch)
             if outside <= OUTSIDE_BINS_LIMIT:
                 return shadow
             mismatch = (f"{outside:.0%} of the first audited batch lies outside the bins calibrated on the dataset's "
@@ -782,6 +787,14 @@ class DMAuditor:
             captured, block = job.captured, self._block_copy
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
+        outside = outside_bins(block, job.batch)
+        if outside > OUTSIDE_BINS_LIMIT:
+            note = (f"{outside:.0%} of the audited batch lies outside the imprint's bins: those images share the "
+                    "outer bins and are not recovered, so the audit shows fewer than the attacker could; the bins "
+                    "were calibrated on inputs unlike this batch's: pass calibration_images=... (inputs as the model "
+                    "sees them)")
+            notes.append(note)
+            self._warn_once("outside bins", note)
         recovered = recover_images(captured, block, scale=self.scale, originals=job.batch,
                                    input_mean=self.input_mean, input_std=self.input_std)
         base["collisions"] = int(len(recovered.collisions))

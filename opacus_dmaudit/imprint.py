@@ -186,7 +186,10 @@ class ImprintBlock(nn.Module):
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"the imprint block was made for inputs N×{'×'.join(map(str, self.image_shape))}, got "
                              f"{tuple(x.shape)}: its rows have one weight per pixel, so inline auditing needs one input "
-                             "size (use mode='shadow' for inputs of several sizes)")
+                             "size, the size of the samples it was calibrated on (the data loader's, or "
+                             "calibration_images); pass calibration_images=... shaped as the model's inputs when a "
+                             "transform between loader and model resizes them, or use mode='shadow' for inputs of "
+                             "several sizes")
         level = self.activations(x).mean(dim=1)
         # Zero in value, gain * d(level) in gradient: the model's inputs stay bit-identical.
         shift = self.gain * (level - level.detach())

@@ -165,7 +165,7 @@ def test_shadow_bins_are_calibrated_on_the_training_data_as_inline_ones(tmp_path
     assert collisions["shadow"] == collisions["inline"]
 
 
-def test_shadow_bins_fit_the_first_batch_when_the_model_sees_other_inputs_than_the_dataset(
+def test_bins_calibrated_on_other_inputs_than_the_models_are_named(
         tmp_path, fashion_images, tiny_prior_dir, caplog):
     # A transform between the data loader and the model (here a normalisation, then a resize) makes the dataset's
     # samples a wrong calibration: said once, and the first audited batch calibrates the bins as before.
@@ -186,6 +186,22 @@ def test_shadow_bins_fit_the_first_batch_when_the_model_sees_other_inputs_than_t
         assert caplog.text.count("calibrated on the first audited batch instead") == 1
         expected = "outside the bins calibrated" if name == "normalised" else "inputs are 1×32×32, the dataset's"
         assert expected in caplog.text
+    # Inline mode's block is in the model from make_private on: a resize cannot be followed (named with the fix),
+    # and a normalisation leaves most images outside the bins (each record says so, the log once).
+    with pytest.raises(ValueError, match="calibration_images=... shaped as the model's inputs"):
+        ImprintBlock(image_shape=(1, 28, 28))(transforms["resized"](fashion_images[:2]))
+    caplog.clear()
+    model, optimizer, loader, auditor = private_run(
+        fashion_images[:64], batch=32, sigma=0.0,
+        auditor_kwargs=audit_kwargs(tmp_path / "inline", tiny_prior_dir, every=1, mode="inline"))
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"), auditor:
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(transforms["normalised"](x)), y).backward()
+            optimizer.step()
+    assert auditor.errors == 0 and len(auditor.records) == 2
+    assert all("lies outside the imprint's bins" in " ".join(r.notes) for r in auditor.records)
+    assert caplog.text.count("lies outside the imprint's bins") == 1
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
