@@ -495,12 +495,20 @@ class DMAuditor:
         optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
         return ImprintedModel(module, self.block)
 
-    def attach(self, model: nn.Module, optimizer) -> "DMAuditor":
-        """Attach to a model and DP optimizer that are already private (``make_private`` does this for you)."""
+    def attach(self, model: nn.Module, optimizer, *, data_loader=None) -> "DMAuditor":
+        """Attach to a model and DP optimizer that are already private (``make_private`` does this for you).
+
+        Args:
+            model / optimizer: what ``make_private`` returned.
+            data_loader: shadow mode: the training data loader, to calibrate the imprint's bins on its dataset (as
+                ``make_private`` does); without it they fit the first audited batch.
+        """
         if self._model is not None:
             raise RuntimeError("this DMAuditor is already attached; create one auditor per training run")
         if not hasattr(optimizer, "noise_multiplier") or not hasattr(optimizer, "step_hook"):
             raise TypeError("attach() needs the DPOptimizer returned by PrivacyEngine.make_private")
+        if self.mode == "shadow" and data_loader is not None:
+            self._calibrate_shadow_on(data_loader)
         self._model, self._optimizer = model, optimizer
         if not self.active and not self._distributed_inline:
             return self

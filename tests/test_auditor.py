@@ -100,8 +100,9 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
 
 
 def private_run(images, *, batch, sigma, auditor_kwargs, model=None, samples=None):
-    """A tiny CNN (or ``model``) made private with an auditor attached, for tests that write their own loop: model,
-    optimizer, loader (no Poisson sampling) and auditor. ``samples(image, label)`` makes each dataset sample."""
+    """A tiny CNN (or ``model``) made private with an auditor attached (none for ``auditor_kwargs=None``), for tests
+    that write their own loop: model, optimizer, loader (no Poisson sampling) and auditor. ``samples(image, label)``
+    makes each dataset sample."""
     torch.manual_seed(0)
     model = model if model is not None else tiny_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -110,7 +111,7 @@ def private_run(images, *, batch, sigma, auditor_kwargs, model=None, samples=Non
                else [samples(image, label) for image, label in zip(images, labels)])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
     engine = PrivacyEngine(accountant="rdp")
-    auditor = DMAuditor(engine, **auditor_kwargs)
+    auditor = DMAuditor(engine, **auditor_kwargs) if auditor_kwargs is not None else None
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=sigma, max_grad_norm=1.0, poisson_sampling=False)
     return model, optimizer, loader, auditor
@@ -163,6 +164,15 @@ def test_shadow_bins_are_calibrated_on_the_training_data_as_inline_ones(tmp_path
         collisions[mode] = [r.collisions for r in auditor.records]
     assert len(collisions["shadow"]) == 4 and min(collisions["shadow"]) > 0
     assert collisions["shadow"] == collisions["inline"]
+    # An auditor attached by hand samples the data loader it is given.
+    model, optimizer, loader, _ = private_run(fashion_images, batch=64, sigma=0.5, auditor_kwargs=None)
+    with DMAuditor(**audit_kwargs(tmp_path / "attached", tiny_prior_dir, every=4)) as auditor:
+        auditor.attach(model, optimizer, data_loader=loader)
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert [r.collisions for r in auditor.records] == collisions["shadow"][3:]  # the same last batch
 
 
 def test_bins_calibrated_on_other_inputs_than_the_models_are_named(
