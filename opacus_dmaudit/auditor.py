@@ -584,8 +584,9 @@ class DMAuditor:
         if not pending:
             if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
                 self._warn_once("no batch", f"step {step} was due for an audit, but no training forward of the "
-                                "private model passed it an image batch (its first positional argument, or its only "
-                                "tensor keyword argument, or its only floating-point N×C×H×W one): nothing to audit")
+                                "private model passed it an image batch (its first positional argument, its only "
+                                "floating-point N×C×H×W argument, or its only tensor keyword argument): nothing to "
+                                "audit")
             return
         optimizer = self._optimizer
         accountant = getattr(self._engine, "accountant", None)

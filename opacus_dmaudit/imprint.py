@@ -35,14 +35,25 @@ MEASUREMENTS = ("brightness", "random", "dct")
 
 
 def image_argument(args: tuple, kwargs: dict) -> int | str | None:
-    """Where a model's forward call has its image batch: its first positional argument (``0``), or else the name of
-    its only tensor keyword argument, or of the only floating-point ``N×C×H×W`` one among several (Hugging Face style
-    ``model(pixel_values=x, labels=y)``); ``None`` when there is no such tensor."""
+    """Where a model's forward call has its image batch, as a position in ``args`` or a name in ``kwargs``.
+
+    The first positional argument when it is a floating-point ``N×C×H×W`` tensor; else the only such tensor among all
+    arguments (Hugging Face style ``model(pixel_values=x, labels=y)``, or ``model(token_ids, images)``); else, so that
+    a caller can name what is wrong with it, the first positional argument when it is a tensor at all, or the only
+    tensor keyword argument. ``None`` when there is none of these.
+    """
+    def is_image_batch(value) -> bool:
+        return isinstance(value, torch.Tensor) and value.ndim == 4 and value.is_floating_point()
+
+    if args and is_image_batch(args[0]):
+        return 0
+    batches = [i for i, value in enumerate(args) if is_image_batch(value)]
+    batches += [name for name, value in kwargs.items() if is_image_batch(value)]
+    if len(batches) == 1:
+        return batches[0]
     if args:
         return 0 if isinstance(args[0], torch.Tensor) else None
     names = [name for name, value in kwargs.items() if isinstance(value, torch.Tensor)]
-    if len(names) > 1:
-        names = [name for name in names if kwargs[name].ndim == 4 and kwargs[name].is_floating_point()]
     return names[0] if len(names) == 1 else None
 
 
@@ -231,10 +242,10 @@ class ImprintedModel(nn.Module):
     def forward(self, *args, **kwargs):
         where = image_argument(args, kwargs)
         if where is None:
-            raise TypeError("ImprintedModel needs the image batch as the first positional argument of the forward "
-                            "call, or as its only tensor (or only floating-point N×C×H×W) keyword argument")
+            raise TypeError("ImprintedModel needs the image batch in the forward call: as its first positional "
+                            "argument, its only floating-point N×C×H×W argument, or its only tensor keyword argument")
         if isinstance(where, int):
-            args = (self.imprint_block(args[0]), *args[1:])
+            args = (*args[:where], self.imprint_block(args[where]), *args[where + 1:])
         else:
             kwargs = {**kwargs, where: self.imprint_block(kwargs[where])}
         return self.model(*args, **kwargs)

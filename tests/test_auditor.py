@@ -524,15 +524,28 @@ class PixelValuesModel(nn.Module):
         return logits if labels is None else logits + 0 * labels[:, None]
 
 
+class TokensAndImagesModel(nn.Module):
+    """A two-input model whose image batch is its second positional argument: ``model(tokens, images)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_cnn()
+
+    def forward(self, tokens, images):
+        return self.model(images) + 0 * tokens
+
+
 @pytest.mark.parametrize("mode", ["shadow", "inline"])
-@pytest.mark.parametrize("call", ["input", "pixel_values"])
-def test_a_batch_passed_by_keyword_is_audited(tmp_path, fashion_images, tiny_prior_dir, mode, call):
+@pytest.mark.parametrize("call", ["input", "pixel_values", "second"])
+def test_the_batch_is_found_among_the_forwards_arguments(tmp_path, fashion_images, tiny_prior_dir, mode, call):
     # nn.Sequential's forward argument is called `input`: a loop that writes model(input=x) is audited like model(x).
     # Hugging Face models take the labels beside the images, from dict samples: the batch is the only floating-point
     # N×C×H×W keyword, and the dataset's image the only C×H×W tensor of a sample (the bins are calibrated on it).
+    # A model of tokens and images takes the images second.
     hugging_face = call == "pixel_values"
+    model = {"input": None, "pixel_values": PixelValuesModel(), "second": TokensAndImagesModel()}[call]
     model, optimizer, loader, auditor = private_run(
-        fashion_images[:64], batch=32, sigma=0.0, model=PixelValuesModel() if hugging_face else None,
+        fashion_images[:64], batch=32, sigma=0.0, model=model,
         samples=(lambda image, label: {"pixel_values": image, "labels": label}) if hugging_face else None,
         auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
     for batch in loader:
@@ -541,7 +554,7 @@ def test_a_batch_passed_by_keyword_is_audited(tmp_path, fashion_images, tiny_pri
             logits, y = model(**batch), batch["labels"]
         else:
             (x, y) = batch
-            logits = model(input=x)
+            logits = model(input=x) if call == "input" else model(y[:, None], x)
         nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
     auditor.close()

@@ -8,7 +8,7 @@ import torch.nn as nn
 from opacus import PrivacyEngine
 
 from opacus_dmaudit.capture import GradientCapture, PerLayerClippingError
-from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
 from opacus_dmaudit.recovery import recover_images
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -157,3 +157,25 @@ def test_imprint_block_leaves_model_inputs_unchanged(fashion_images):
     assert int(counts.min()) >= 256 // 16 - 2  # quantile edges: equal-mass bins
     with pytest.raises(ValueError, match="structure"):
         ImprintBlock(image_shape=(1, 28, 28), structure="dense")
+
+
+def test_the_image_batch_is_found_among_a_forwards_arguments():
+    images, flat = torch.rand(4, 1, 8, 8), torch.rand(4, 64)
+    tokens, labels = torch.randint(0, 9, (4, 5)), torch.randint(0, 9, (4,))
+    cases = [
+        ((images,), {}, 0),
+        ((images, images), {}, 0),  # the first positional argument when it is an image batch
+        ((tokens, images), {}, 1),
+        ((tokens,), {"pixel_values": images}, "pixel_values"),
+        ((), {"pixel_values": images, "labels": labels}, "pixel_values"),
+        ((), {"input": flat}, "input"),  # the only tensor keyword: the caller names what is wrong with it
+        ((flat,), {}, 0),
+        ((flat, tokens), {}, 0),
+        ((tokens, images, images), {}, 0),  # ambiguous: the first positional tensor, whose shape the caller names
+        ((), {"a": images, "b": images}, None),
+        ((), {"images": flat, "offset": flat}, None),
+        ((3,), {"images": images}, "images"),
+        ((3,), {}, None),
+    ]
+    for args, kwargs, expected in cases:
+        assert image_argument(args, kwargs) == expected, (len(args), sorted(kwargs))
