@@ -492,6 +492,12 @@ class DMAuditor:
         block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
                              measurement=self.measurement, gain=self.gain, seed=self.seed)
         self.block = block.calibrate(sample).to(device)
+        if self._distributed_inline:
+            # Each rank sampled its own dataset (random augmentations differ by rank), but rank 0 matches the
+            # all-reduced imprint gradients to the gathered batch by its own bins: every rank takes rank 0's.
+            edges = self.block.edges.clone()
+            torch.distributed.broadcast(edges, src=0)
+            self.block.set_edges(edges)
         optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
         return ImprintedModel(module, self.block)
 

@@ -152,6 +152,16 @@ class ImprintBlock(nn.Module):
             self.imprint.bias.copy_(-edges[:-1])
 
     @torch.no_grad()
+    def set_edges(self, edges: torch.Tensor) -> "ImprintBlock":
+        """Use these ``K + 1`` strictly increasing bin edges (in measurement units)."""
+        edges = torch.as_tensor(edges).reshape(-1)
+        if edges.numel() != self.bins + 1 or not bool((edges[1:] > edges[:-1]).all()):
+            raise ValueError(f"edges must be {self.bins + 1} strictly increasing values, got {edges.numel()}")
+        self.edges.copy_(edges.to(self.edges))
+        self._set_parameters()
+        return self
+
+    @torch.no_grad()
     def calibrate(self, images: torch.Tensor, *, margin: float = 0.5) -> "ImprintBlock":
         """Set bin edges at the quantiles of the measurement over a data sample (equal-mass bins).
 
@@ -174,9 +184,7 @@ class ImprintBlock(nn.Module):
             edges[i] = torch.maximum(edges[i], edges[i - 1] + minimum_gap)
         edges[0] -= margin * (edges[1] - edges[0]) + minimum_gap
         edges[-1] += margin * (edges[-1] - edges[-2]) + minimum_gap
-        self.edges.copy_(edges.to(self.edges))
-        self._set_parameters()
-        return self
+        return self.set_edges(edges)
 
     def measure(self, images: torch.Tensor) -> torch.Tensor:
         """The measurement ``w . x`` of each image."""

@@ -14,6 +14,19 @@ from opacus_dmaudit import DMAuditor, load_images
 warnings.filterwarnings("ignore")
 
 
+class BrightnessJitter(torch.utils.data.Dataset):
+    """A random augmentation: each rank draws its own, so the ranks calibrate their imprint bins on different samples."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return (self.images[index] * (0.8 + 0.2 * torch.rand(()))), self.labels[index]
+
+
 def main(prior: str, log_dir: str, mode: str, sigma: float) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -21,7 +34,8 @@ def main(prior: str, log_dir: str, mode: str, sigma: float) -> None:
     labels = torch.randint(0, 10, (256,))
     model = DPDDP(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=64)
+    torch.manual_seed(1 + dist.get_rank())
+    loader = torch.utils.data.DataLoader(BrightnessJitter(images, labels), batch_size=64)
     engine = PrivacyEngine(accountant="rdp")
     auditor = DMAuditor(engine, prior=prior, log_dir=log_dir, every=2, steps=2, queue_size=8, mode=mode)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
@@ -33,7 +47,9 @@ def main(prior: str, log_dir: str, mode: str, sigma: float) -> None:
         optimizer.step()
         steps += 1
     auditor.close()
+    bins = auditor.block.edges.tolist() if mode == "inline" else None
     print(f"rank {dist.get_rank()}: {steps} steps, {len(auditor.records)} audits, errors {auditor.errors}", flush=True)
+    print(f"rank {dist.get_rank()} bins: {bins}", flush=True)
     dist.destroy_process_group()
 
 

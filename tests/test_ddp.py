@@ -32,4 +32,7 @@ def test_ddp_two_processes_write_one_set_of_logs(tmp_path, tiny_prior_dir, mode,
         # Without noise, the global batch (both ranks' samples, gathered) comes back exactly from the all-reduced
         # gradient: bins, sample matching and scales agree across ranks.
         assert all(r["noisy"]["mse"] < 1e-10 for r in records)
+        # Each rank samples the dataset through its own random augmentation, but all use rank 0's bins.
+        bins = [line.split("bins: ")[1] for line in out.stdout.splitlines() if " bins: " in line]
+        assert len(bins) == 2 and bins[0] == bins[1] != "None"
         assert all(r["batch_size"] > 40 for r in records)  # both ranks' Poisson batches (about 32 each)

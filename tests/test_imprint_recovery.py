@@ -179,3 +179,12 @@ def test_the_image_batch_is_found_among_a_forwards_arguments():
     ]
     for args, kwargs, expected in cases:
         assert image_argument(args, kwargs) == expected, (len(args), sorted(kwargs))
+
+
+def test_set_edges_takes_strictly_increasing_edges_and_sets_the_rows():
+    block = ImprintBlock(image_shape=(1, 4, 4), bins=3)
+    block.set_edges(torch.tensor([0.0, 1.0, 2.0, 4.0]))
+    assert torch.equal(block.assign_bins(torch.full((1, 1, 4, 4), 0.3)), torch.tensor([1]))  # measurement 1.2
+    for bad in ([0.0, 1.0, 2.0], [0.0, 2.0, 1.0, 4.0]):
+        with pytest.raises(ValueError, match="4 strictly increasing values"):
+            block.set_edges(torch.tensor(bad))
