@@ -10,18 +10,29 @@ the success rate of guessing from the prior alone.
   composed privacy-loss distribution of Opacus's PRV accountant: its privacy profile ``delta(eps)`` gives
   ``1 - f(kappa) = inf_eps min(delta(eps) + e^eps kappa, 1 - e^-eps (1 - delta(eps) - kappa))``.
   At sample rate 1 this equals the closed form (tested).
+
+``kappa`` itself is measured by :func:`estimate_kappa`: draws from the prior alone, scored against the targets.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
-__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "schedule_epsilon", "mu_gdp", "ScheduleBound"]
+from opacus_dmaudit.data import adapt_to_prior, restore_from_prior
+from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, reconstruction_errors
+
+if TYPE_CHECKING:
+    from opacus_dmaudit.metrics import ImageMetrics
+    from opacus_dmaudit.prior import DiffusionPrior
+
+__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "schedule_epsilon", "mu_gdp", "estimate_kappa", "ScheduleBound"]
 
 
 def _check(kappa: float, noise_multiplier: float, steps: int, sample_rate: float = 1.0) -> None:
@@ -49,6 +60,28 @@ def rero_bound_gdp(mu: float, kappa: float) -> float:
     if kappa in (0.0, 1.0):
         return kappa
     return float(norm.cdf(norm.ppf(kappa) + mu))
+
+
+def estimate_kappa(prior: DiffusionPrior, targets: torch.Tensor, *, metrics: ImageMetrics, samples: int,
+                   sampler: str, steps: int, seed: int,
+                   thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, float]:
+    """Baseline success rates: how often a draw from the prior alone is within eta of a target, per metric@eta."""
+    draws = prior.sample(samples, sampler=sampler, steps=steps, seed=seed)
+    _, adaptation = adapt_to_prior(targets[:1], resolution=prior.resolution, channels=prior.channels)
+    draws = restore_from_prior(draws, adaptation)
+    errors: dict[str, list[torch.Tensor]] = {}
+    for draw in draws:
+        values = metrics(draw.expand_as(targets), targets)
+        for name, tensor in values.items():
+            if tensor is not None and name in thresholds:
+                errors.setdefault(name, []).append(reconstruction_errors(name, tensor))
+    kappa = {}
+    for name, chunks in errors.items():
+        stacked = torch.stack(chunks)
+        for eta in thresholds[name]:
+            # Never exactly 0: the bound needs kappa in (0, 1); half a hit is the usual continuity correction.
+            kappa[f"{name}@{eta:g}"] = max(float((stacked <= eta).double().mean()), 0.5 / stacked.numel())
+    return kappa
 
 
 def _composed_prv(noise_multiplier: float, sample_rate: float, steps: int, eps_error: float, delta_error: float):

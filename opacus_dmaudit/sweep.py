@@ -23,10 +23,9 @@ from typing import Sequence
 
 import torch
 
-from opacus_dmaudit.bounds import mu_gdp, rero_bound_dpsgd, rero_bound_gdp, schedule_epsilon
-from opacus_dmaudit.data import adapt_to_prior, restore_from_prior
-from opacus_dmaudit.metrics import (SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, reconstruction_errors,
-                                    success_rates, summarize)
+from opacus_dmaudit.bounds import estimate_kappa, mu_gdp, rero_bound_dpsgd, rero_bound_gdp, schedule_epsilon
+from opacus_dmaudit.data import adapt_to_prior
+from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, success_rates, summarize
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import recover_images
 from opacus_dmaudit.report import (image_grid, make_private_dir, protect_tree, save_image_grid, write_json,
@@ -137,28 +136,6 @@ class SweepResult:
 
     def to_json(self) -> list[dict]:
         return [asdict(entry) for entry in self.entries]
-
-
-def estimate_kappa(prior: DiffusionPrior, targets: torch.Tensor, *, metrics: ImageMetrics, samples: int,
-                   sampler: str, steps: int, seed: int,
-                   thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, float]:
-    """Baseline success rates: how often a draw from the prior alone is within eta of a target, per metric@eta."""
-    draws = prior.sample(samples, sampler=sampler, steps=steps, seed=seed)
-    _, adaptation = adapt_to_prior(targets[:1], resolution=prior.resolution, channels=prior.channels)
-    draws = restore_from_prior(draws, adaptation)
-    errors: dict[str, list[torch.Tensor]] = {}
-    for draw in draws:
-        values = metrics(draw.expand_as(targets), targets)
-        for name, tensor in values.items():
-            if tensor is not None and name in thresholds:
-                errors.setdefault(name, []).append(reconstruction_errors(name, tensor))
-    kappa = {}
-    for name, chunks in errors.items():
-        stacked = torch.stack(chunks)
-        for eta in thresholds[name]:
-            # Never exactly 0: the bound needs kappa in (0, 1); half a hit is the usual continuity correction.
-            kappa[f"{name}@{eta:g}"] = max(float((stacked <= eta).double().mean()), 0.5 / stacked.numel())
-    return kappa
 
 
 def _attack(images: torch.Tensor, sigma: float, index: int, config: SweepConfig):
