@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from opacus_dmaudit.bounds import estimate_kappa, rero_bound_gdp
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
 from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
@@ -86,15 +87,21 @@ class AuditRecord:
     seconds: float
     audits_in_pass: int = 1
     notes: list[str] = field(default_factory=list)
+    kappa: dict[str, float] = field(default_factory=dict)
+    rero_bound: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         if not self.recovered:
             return f"step {self.step}: no singly-occupied bins (batch {self.batch_size})"
         eps = "n/a" if self.epsilon is None else f"{self.epsilon:.3g}"
         r, n = self.reconstructed, self.noisy
-        return (f"step {self.step}: eps={eps} | {self.recovered} images, noise std {self.noise_std_median:.3g}, "
+        line = (f"step {self.step}: eps={eps} | {self.recovered} images, noise std {self.noise_std_median:.3g}, "
                 f"t*={self.t_start_median:.0f} | PSNR noisy {n['psnr']:.2f} -> reconstructed {r['psnr']:.2f} dB, "
                 f"SSIM {n['ssim']:.3f} -> {r['ssim']:.3f}")
+        key = "ssim@0.5"
+        if key in self.success and key in self.rero_bound:
+            line += f" | SSIM >= 0.5: {self.success[key]:.2f} (ReRo bound {self.rero_bound[key]:.2f})"
+        return line
 
 
 @dataclass
@@ -217,6 +224,8 @@ class DMAuditor:
         seed: seed of the auditor's own generators.
         on_error: "continue" or "stop" auditing after an exception in an audit.
         on_audit: called with each :class:`AuditRecord` (on the worker thread).
+        kappa_samples: draws from the prior, made once (at the first audit, against its images), for the baseline
+            kappa of the ReRo bound that each audit logs beside its success rates; 0: no bound.
         worker_niceness: how much to raise the audit worker thread's nice value (Linux; it is per thread there,
             and the OpenMP threads the worker starts inherit it), so that on a CPU training keeps busy, audits
             run on the cycles training leaves. Measured on a 2-core CPU (``benchmarks/auditor_overhead.py``, CNN
@@ -257,6 +266,7 @@ class DMAuditor:
         on_error: str = "continue",
         on_audit: Callable[[AuditRecord], None] | None = None,
         worker_niceness: int = 10,
+        kappa_samples: int = 16,
     ) -> None:
         if privacy_engine is not None and not callable(getattr(privacy_engine, "make_private", None)):
             raise TypeError(f"the first argument must be the opacus PrivacyEngine (or None, then call attach()), got "
@@ -282,6 +292,8 @@ class DMAuditor:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         if calibration_images is not None:
             calibration_images = image_batch(calibration_images, what="calibration_images")
+        if int(kappa_samples) < 0:
+            raise ValueError(f"kappa_samples must be a whole number >= 0 (0: no ReRo bound), got {kappa_samples}")
         if not 0 <= int(worker_niceness) <= 19:
             raise ValueError(f"worker_niceness must be between 0 and 19 (a nice increment), got {worker_niceness}")
         if fast_path is not None and isinstance(prior, DiffusionPrior):
@@ -298,6 +310,9 @@ class DMAuditor:
         self.on_error, self.on_audit = on_error, on_audit
         self.batch_audits = int(batch_audits)
         self.worker_niceness = int(worker_niceness)
+        self.kappa_samples = int(kappa_samples)
+        self._kappa: dict[str, float] | None = None  # estimated at the first audit that recovers images
+        self._charted = False  # the success-against-bound charts are laid out once
         self.log_originals = log_originals
         self.prepare_seconds: float | None = None  # compiling / capturing the prior's step at creation, if it has any
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
@@ -859,7 +874,12 @@ class DMAuditor:
             notes.append(self.prior.prior_sample_note(int(from_prior.sum()), len(noisy)))
         noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)
         recon_values = self.image_metrics(images, originals)
+        kappa = self._baseline(originals)
+        sigma = item.job.noise_multiplier
         record = AuditRecord(
+            kappa=dict(kappa),
+            # The attacked step alone, with the sample known to be in the batch: a Gaussian mechanism, 1/sigma-GDP.
+            rero_bound={key: rero_bound_gdp(1.0 / sigma, k) if sigma > 0 else 1.0 for key, k in kappa.items()},
             recovered=len(noisy), noise_std_median=float(item.noise_std.median()),
             t_start_median=float(output.t_start[part].double().median()), from_prior=int(from_prior.sum()),
             noisy=summarize(noisy_values), reconstructed=summarize(recon_values), success=success_rates(recon_values),
@@ -871,6 +891,20 @@ class DMAuditor:
             rows.insert(0, originals[:n])
         self._log(record, rows=rows)
         return record
+
+    def _baseline(self, originals: torch.Tensor) -> dict[str, float]:
+        """kappa per metric@eta: how often a draw from the prior alone is within eta of an audited image."""
+        if self.kappa_samples == 0:
+            return {}
+        if self._kappa is None:
+            try:
+                self._kappa = estimate_kappa(self.prior, originals, metrics=self.image_metrics,
+                                             samples=self.kappa_samples, sampler=self.sampler, steps=self.steps,
+                                             seed=self.seed + 1)
+            except Exception as exc:
+                self._kappa = {}
+                self._warn_once("kappa", f"no ReRo bound in this run: estimating the prior's baseline failed: {exc}")
+        return self._kappa
 
     def _epsilon(self, history: list, notes: list[str]) -> float | None:
         accountant = getattr(self._engine, "accountant", None)
@@ -905,6 +939,11 @@ class DMAuditor:
             scalars[f"reconstructed/{name}"] = value
         for name, value in record.success.items():
             scalars[f"success_rate/{name}"] = value
+        for name, value in record.rero_bound.items():
+            scalars[f"rero_bound/{name}"] = value
+        if record.rero_bound and not self._charted:
+            self._charted = True
+            self.writer.chart_with_bounds(sorted(record.rero_bound))
         self.writer.scalars(scalars, step=step)
         if rows is not None:
             self.writer.grid("audit/" + ("original_noisy_reconstructed" if self.log_originals

@@ -140,6 +140,11 @@ class AuditLogWriter:
             if value is not None and value == value:
                 self.writer.add_scalar(tag, float(value), global_step=step)
 
+    def chart_with_bounds(self, keys: Sequence[str]) -> None:
+        """One Custom Scalars chart per ``metric@eta``: the success rate and its ReRo bound on the same axes."""
+        self.writer.add_custom_scalars({"success rate against the ReRo bound": {
+            key: ["Multiline", [f"success_rate/{key}", f"rero_bound/{key}"]] for key in keys}})
+
     def record(self, payload: dict[str, Any]) -> None:
         line = json.dumps(_nan_to_none(payload)) + "\n"
         fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)

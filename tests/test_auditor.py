@@ -145,6 +145,34 @@ def test_event_files_hold_grids_scalars_and_the_accountants_epsilon(tmp_path, fa
     assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "audit").rglob("*"))
 
 
+def test_each_audit_logs_the_rero_bound_of_its_attacked_step_beside_its_success_rate(tmp_path, fashion_images,
+                                                                                     tiny_prior_dir):
+    from scipy.stats import norm
+
+    _, auditor, _ = train(fashion_images, steps=10, sigma=0.5,
+                          auditor_kwargs=audit_kwargs(tmp_path / "bound", tiny_prior_dir, kappa_samples=4))
+    first, second = auditor.records
+    assert set(first.rero_bound) == set(first.success) and {"ssim@0.5", "mse@0.01"} <= set(first.rero_bound)
+    # kappa: draws from the prior alone, estimated once, never exactly 0; the bound of one Gaussian step at
+    # sigma = 0.5 is Phi(Phi^-1(kappa) + 2).
+    assert second.kappa == first.kappa and all(0 < k < 1 for k in first.kappa.values())
+    for key, kappa in first.kappa.items():
+        assert first.rero_bound[key] == pytest.approx(norm.cdf(norm.ppf(kappa) + 2.0), rel=1e-9)
+    assert "ReRo bound" in first.summary()
+    events = EventAccumulator(str(tmp_path / "bound" / "audit"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("rero_bound/ssim@0.5")] == pytest.approx(
+        [r.rero_bound["ssim@0.5"] for r in auditor.records])
+    assert "custom_scalars__config__" in events.Tags()["tensors"]  # success and bound on one chart
+    assert json.loads((tmp_path / "bound" / "audit" / "audits.jsonl").read_text().splitlines()[0])["kappa"] == \
+        first.kappa
+    _, auditor, _ = train(fashion_images, steps=5,
+                          auditor_kwargs=audit_kwargs(tmp_path / "none", tiny_prior_dir, kappa_samples=0))
+    assert auditor.records[0].success and not auditor.records[0].rero_bound and not auditor.records[0].kappa
+    with pytest.raises(ValueError, match="kappa_samples must be a whole number >= 0"):
+        DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", kappa_samples=-1)
+
+
 def test_shadow_mode_leaves_training_bit_identical(tmp_path, fashion_images, tiny_prior_dir):
     # Random augmentations too: the auditor samples the dataset for its bins without moving any global generator.
     _, _, plain = train(fashion_images, augment=True)
