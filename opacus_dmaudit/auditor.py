@@ -57,10 +57,10 @@ logger = logging.getLogger("opacus_dmaudit")
 INLINE_GAIN = 1e3
 # How far outside [0, 1] audited images may reach before the auditor says their normalisation was not undone (room for
 # rounding, not for a normalisation: those move images by tenths at least).
+PIXEL_RANGE_SLACK = 0.01
 # Calibrated on the same distribution, about one image in a thousand falls outside the bins (their outer edges
 # leave a margin); a quarter says the model's inputs are not what the calibration sampled.
 OUTSIDE_BINS_LIMIT = 0.25
-PIXEL_RANGE_SLACK = 0.01
 
 
 @dataclass
@@ -224,8 +224,9 @@ class DMAuditor:
         seed: seed of the auditor's own generators.
         on_error: "continue" or "stop" auditing after an exception in an audit.
         on_audit: called with each :class:`AuditRecord` (on the worker thread).
-        kappa_samples: draws from the prior, made once (at the first audit, against its images), for the baseline
-            kappa of the ReRo bound that each audit logs beside its success rates; 0: no bound.
+        kappa_samples: draws from the prior (DDIM with ``steps`` steps), made once (at the first audit, against its
+            images), for the baseline kappa of the ReRo bound that each audit logs beside its success rates; 0: no
+            bound.
         worker_niceness: how much to raise the audit worker thread's nice value (Linux; it is per thread there,
             and the OpenMP threads the worker starts inherit it), so that on a CPU training keeps busy, audits
             run on the cycles training leaves. Measured on a 2-core CPU (``benchmarks/auditor_overhead.py``, CNN
@@ -898,8 +899,10 @@ class DMAuditor:
             return {}
         if self._kappa is None:
             try:
+                # DDIM whatever the audits' sampler: DDPM draws from pure noise take all 1,000 steps each (16 draws:
+                # 16,000 image-steps, some 13 minutes at the shipped prior's 20 image-steps/s on a 2-core CPU).
                 self._kappa = estimate_kappa(self.prior, originals, metrics=self.image_metrics,
-                                             samples=self.kappa_samples, sampler=self.sampler, steps=self.steps,
+                                             samples=self.kappa_samples, sampler="ddim", steps=self.steps,
                                              seed=self.seed + 1)
             except Exception as exc:
                 self._kappa = {}

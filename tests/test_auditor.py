@@ -150,7 +150,8 @@ def test_each_audit_logs_the_rero_bound_of_its_attacked_step_beside_its_success_
     from scipy.stats import norm
 
     _, auditor, _ = train(fashion_images, steps=10, sigma=0.5,
-                          auditor_kwargs=audit_kwargs(tmp_path / "bound", tiny_prior_dir, kappa_samples=4))
+                          auditor_kwargs=audit_kwargs(tmp_path / "bound", tiny_prior_dir, kappa_samples=4,
+                                                      max_reconstructions=4))
     first, second = auditor.records
     assert set(first.rero_bound) == set(first.success) and {"ssim@0.5", "mse@0.01"} <= set(first.rero_bound)
     # kappa: draws from the prior alone, estimated once, never exactly 0; the bound of one Gaussian step at
@@ -166,6 +167,13 @@ def test_each_audit_logs_the_rero_bound_of_its_attacked_step_beside_its_success_
     assert "custom_scalars__config__" in events.Tags()["tensors"]  # success and bound on one chart
     assert json.loads((tmp_path / "bound" / "audit" / "audits.jsonl").read_text().splitlines()[0])["kappa"] == \
         first.kappa
+    # The draws are DDIM ones whatever the audits' sampler (DDPM draws would take all 1,000 steps each).
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir)
+    draws, sample = [], prior.sample
+    prior.sample = lambda count, **kwargs: draws.append((count, kwargs["sampler"])) or sample(count, **kwargs)
+    _, auditor, _ = train(fashion_images, steps=5, sigma=0.5, auditor_kwargs=audit_kwargs(
+        tmp_path / "ddpm", prior, kappa_samples=4, max_reconstructions=4, sampler="ddpm"))
+    assert draws == [(4, "ddim")] and auditor.records[0].rero_bound
     _, auditor, _ = train(fashion_images, steps=5,
                           auditor_kwargs=audit_kwargs(tmp_path / "none", tiny_prior_dir, kappa_samples=0))
     assert auditor.records[0].success and not auditor.records[0].rero_bound and not auditor.records[0].kappa
