@@ -13,6 +13,9 @@ Two modes:
   steps by chaining the optimizer's step hook; the block's parameters are restored after every step so the bins
   stay calibrated. The seed paper's experimental setting.
 
+In both modes the imprint's bins are calibrated at ``make_private`` on a sample of the training data, and each audit
+logs, beside its success rates, the ReRo bound of the attacked step at the prior's baseline kappa.
+
 Everything after the copy (shadow step, recovery, reconstruction, metrics, logging) runs on a background thread
 with a bounded queue. A full queue drops an audit instead of blocking training; an exception in an audit is
 logged and never reaches the training loop. Audits that queued up while the worker was busy share one pass of the
