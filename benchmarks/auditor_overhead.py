@@ -73,7 +73,8 @@ def run(variant: str, *, images, labels, args, device) -> dict:
         log_dir = f"{args.log_root}/{time.strftime('%Y%m%d-%H%M%S')}-{variant.replace(' ', '').replace(',', '-')}"
         auditor = DMAuditor(engine, prior=args.prior, log_dir=log_dir, every=every,
                             mode=mode, steps=args.sampler_steps, max_reconstructions=args.max_reconstructions,
-                            queue_size=args.steps // args.every + 1, device=device, **niceness)
+                            queue_size=args.steps // args.every + 1, device=device,
+                            kappa_samples=args.kappa_samples, **niceness)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=1.0, max_grad_norm=1.0,
                                                    poisson_sampling=False)
@@ -116,6 +117,8 @@ def main() -> None:
     parser.add_argument("--prior", default="fashion-mnist")
     parser.add_argument("--sampler-steps", type=int, default=10)
     parser.add_argument("--max-reconstructions", type=int, default=16)
+    parser.add_argument("--kappa-samples", type=int, default=16,
+                        help="prior draws for the ReRo bound's kappa, once per auditor (DMAuditor's default; 0: none)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-root", default="/tmp/opacus-dmaudit-bench")
     parser.add_argument("--json", default=None)
