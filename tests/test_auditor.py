@@ -192,8 +192,8 @@ def test_shadow_mode_leaves_training_bit_identical(tmp_path, fashion_images, tin
 
 def test_shadow_bins_are_calibrated_on_the_training_data_as_inline_ones(tmp_path, fashion_images, tiny_prior_dir):
     # Calibrated on the first audited batch, the shadow bins isolated every image of that batch (0 collisions at the
-    # first audit, 13-19 at later ones in a 64-image demo): both modes now sample the dataset, so the same batches
-    # collide the same way.
+    # first audit, 9-19 at later ones in the demo): both modes now sample the dataset, so the same batches collide the
+    # same way.
     collisions = {}
     for mode in ("shadow", "inline"):
         _, auditor, _ = train(fashion_images, auditor_kwargs=audit_kwargs(tmp_path / mode, tiny_prior_dir, mode=mode))
@@ -589,7 +589,7 @@ def test_the_batch_is_found_among_the_forwards_arguments(tmp_path, fashion_image
         if hugging_face:
             logits, y = model(**batch), batch["labels"]
         else:
-            (x, y) = batch
+            x, y = batch
             logits = model(input=x) if call == "input" else model(y[:, None], x)
         nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
