@@ -879,11 +879,11 @@ class DMAuditor:
         noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)
         recon_values = self.image_metrics(images, originals)
         kappa = self._baseline(originals)
-        sigma = item.job.noise_multiplier
+        mu = item.base["mu_step"]  # 1/sigma; None without noise
         record = AuditRecord(
             kappa=dict(kappa),
-            # The attacked step alone, with the sample known to be in the batch: a Gaussian mechanism, 1/sigma-GDP.
-            rero_bound={key: rero_bound_gdp(1.0 / sigma, k) if sigma > 0 else 1.0 for key, k in kappa.items()},
+            # The attacked step alone, with the sample known to be in the batch: a Gaussian mechanism, mu-GDP.
+            rero_bound={key: rero_bound_gdp(mu, k) if mu is not None else 1.0 for key, k in kappa.items()},
             recovered=len(noisy), noise_std_median=float(item.noise_std.median()),
             t_start_median=float(output.t_start[part].double().median()), from_prior=int(from_prior.sum()),
             noisy=summarize(noisy_values), reconstructed=summarize(recon_values), success=success_rates(recon_values),
