@@ -68,7 +68,8 @@ OUTSIDE_BINS_LIMIT = 0.25
 
 @dataclass
 class AuditRecord:
-    """One audit step, as written to ``audits.jsonl``."""
+    """One audit step, as written to ``audits.jsonl`` (where non-finite numbers, such as the infinite ``epsilon`` of a
+    run without noise, are written as null)."""
 
     step: int
     mode: str

@@ -7,6 +7,7 @@ module writes is created with owner-only permissions (files 0600, folders 0700) 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Collection, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Collection, Sequence
 import torch
 
 __all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
-           "write_json",
+           "write_json", "to_json",
            "image_grid", "save_image_grid"]
 
 PRIVATE_FILE_MODE = 0o600
@@ -55,17 +56,27 @@ def write_private_bytes(path: str | os.PathLike, data: bytes, *, private: bool =
 
 
 def write_json(path: str | os.PathLike, payload: Any, *, private: bool = True) -> Path:
-    """Write JSON (NaN written as null, so any JSON reader accepts it)."""
-    return write_private_bytes(path, (json.dumps(_nan_to_none(payload), indent=2) + "\n").encode(), private=private)
+    """Write JSON that any reader accepts: NaN and infinities written as null (see :func:`to_json`)."""
+    return write_private_bytes(path, (to_json(payload, indent=2) + "\n").encode(), private=private)
 
 
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
+def to_json(payload: Any, *, indent: int | None = None) -> str:
+    """Standard JSON text: NaN and ±infinity become null, as JavaScript's ``JSON.stringify`` writes them.
+
+    Python's ``json`` would write ``NaN`` and ``Infinity``, which RFC 8259 forbids: ``JSON.parse`` rejects them and
+    ``jq`` turns ``Infinity`` into 1.8e308. The values that meet this are an epsilon without noise (infinite, and the
+    record's ``noise_multiplier`` of 0 says why) and metrics of images that could not be scored.
+    """
+    return json.dumps(_non_finite_to_none(payload), indent=indent, allow_nan=False)
+
+
+def _non_finite_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {k: _non_finite_to_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
+        return [_non_finite_to_none(v) for v in value]
     return value
 
 
@@ -146,7 +157,7 @@ class AuditLogWriter:
             key: ["Multiline", [f"success_rate/{key}", f"rero_bound/{key}"]] for key in keys}})
 
     def record(self, payload: dict[str, Any]) -> None:
-        line = json.dumps(_nan_to_none(payload)) + "\n"
+        line = to_json(payload) + "\n"
         fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
         with os.fdopen(fd, "a") as fh:
             fh.write(line)

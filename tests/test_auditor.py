@@ -261,6 +261,11 @@ def test_inline_mode_without_noise_recovers_exactly_before_the_prior(tmp_path, f
         assert record.noisy["mse"] < 1e-10 and record.noise_std_median == 0.0
         # No noise, no privacy, whichever accountant (PRV's own computation overflows there).
         assert record.epsilon == float("inf") and not record.notes
+    # On disk the infinite epsilon is null, so a strict JSON reader takes the file; the noise multiplier says why.
+    lines = (tmp_path / "audit" / "audits.jsonl").read_text().splitlines()
+    written = [json.loads(line, parse_constant=lambda constant: pytest.fail(f"{constant} in audits.jsonl"))
+               for line in lines]
+    assert [(r["epsilon"], r["noise_multiplier"]) for r in written] == [(None, 0.0), (None, 0.0)]
 
 
 def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_dir):

@@ -1,10 +1,19 @@
 """The audit log folder: what the auditor writes is owner-only; what was there before keeps its permissions."""
 
+import json
 import os
 
+import numpy as np
 import torch
 
-from opacus_dmaudit.report import AuditLogWriter
+from opacus_dmaudit.report import AuditLogWriter, write_json
+
+
+def strict_json(text):
+    """Parse as RFC 8259 readers (JavaScript's JSON.parse) do: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_log_writer_tightens_what_it_writes_and_leaves_the_users_files_alone(tmp_path):
@@ -41,3 +50,15 @@ def test_a_second_run_in_the_same_folder_appends_and_knows_it(tmp_path):
     only_events = AuditLogWriter(tmp_path / "events")
     only_events.close()  # an earlier run that logged no audit yet still left its event file
     assert AuditLogWriter(tmp_path / "events").earlier_run
+
+
+def test_logs_are_standard_json_without_noise_or_scores(tmp_path):
+    # An epsilon without noise is infinite, a metric that could not be scored NaN: both must stay readable.
+    payload = {"epsilon": float("inf"), "noisy": {"psnr": np.float64("inf"), "ssim": float("nan")},
+               "levels": [{"low": float("-inf"), "step": 3}]}
+    writer = AuditLogWriter(tmp_path / "runs")
+    writer.record(payload)
+    writer.close()
+    expected = {"epsilon": None, "noisy": {"psnr": None, "ssim": None}, "levels": [{"low": None, "step": 3}]}
+    assert strict_json((tmp_path / "runs" / "audits.jsonl").read_text()) == expected
+    assert strict_json(write_json(tmp_path / "r.json", payload).read_text()) == expected
