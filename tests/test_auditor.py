@@ -268,6 +268,25 @@ def test_inline_mode_without_noise_recovers_exactly_before_the_prior(tmp_path, f
     assert [(r["epsilon"], r["noise_multiplier"]) for r in written] == [(None, 0.0), (None, 0.0)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_inline_mode_trains_models_of_any_float_dtype(tmp_path, fashion_images, tiny_prior_dir, dtype):
+    # The imprint rows stay float32 whatever the model's dtype: a float64 or bfloat16 model once crashed its first
+    # training forward ("mat1 and mat2 must have the same dtype"). Without noise, the image is still read back exactly:
+    # each row's gradient over its bias gradient does not depend on the precision of what flows back into the row.
+    images = fashion_images.to(dtype)
+    model, optimizer, loader, auditor = private_run(images, batch=64, sigma=0.0, model=tiny_cnn().to(dtype),
+                                                    auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir,
+                                                                                mode="inline", every=2))
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    auditor.close()
+    assert len(auditor.records) == 2 and auditor.errors == 0
+    assert all(record.recovered > 10 and record.noisy["mse"] < 1e-10 for record in auditor.records)
+    assert all(p.dtype == dtype for p in model._module.model.parameters())
+
+
 def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images, sigma=0.5, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
     floor = 0.5 * float((fashion_images.flatten(1).norm(dim=1) ** 2 + 1).sqrt().median())
