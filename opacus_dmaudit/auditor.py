@@ -357,6 +357,7 @@ class DMAuditor:
         self._closed = False
         self._stopped = False
         self._inside_make_private = False
+        self._make_private_error: str | None = None  # why the last make_private raised, for close() to say
         # Inline under torch.distributed: every rank joins the capture's collectives; rank 0 audits.
         self._distributed_inline = mode == "inline" and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -425,6 +426,9 @@ class DMAuditor:
             self._inside_make_private = True
             try:
                 return wrapped(*args, **kwargs)
+            except Exception as exc:
+                self._make_private_error = f"{type(exc).__name__}: {exc}"
+                raise
             finally:
                 self._inside_make_private = False
 
@@ -975,7 +979,11 @@ class DMAuditor:
             return
         self._closed = True
         atexit.unregister(self._close_at_exit)
-        if self._model is None and wait:
+        if self._model is None and wait and self._make_private_error is not None:
+            # Not the late-auditor mistake below: the user's script saw this exception already.
+            logger.warning("opacus_dmaudit: this DMAuditor audited nothing: privacy_engine.make_private raised %s",
+                           self._make_private_error)
+        elif self._model is None and wait:
             # The one mistake that leaves no other trace: an auditor created after make_private audits nothing.
             logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "
                            "nothing: create it before privacy_engine.make_private(...) or call "

@@ -308,10 +308,14 @@ def test_empty_poisson_batches_and_batch_memory_manager(tmp_path, fashion_images
     assert all(r.batch_size == 64 for r in auditor.records)  # the logical batch, from 4 physical ones
 
 
-def test_inline_refuses_per_layer_clipping(tmp_path, fashion_images, tiny_prior_dir):
-    with pytest.raises(PerLayerClippingError, match="flat clipping"):
+def test_inline_refuses_per_layer_clipping(tmp_path, fashion_images, tiny_prior_dir, caplog):
+    with pytest.raises(PerLayerClippingError, match="flat clipping"), \
+            caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
         train(fashion_images, clipping="per_layer", auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir,
                                                                                   mode="inline"))
+    # Closing says why nothing was audited: make_private failed, not an auditor created after it.
+    assert "audited nothing: privacy_engine.make_private raised PerLayerClippingError" in caplog.text
+    assert "never attached" not in caplog.text
 
 
 def test_audit_errors_never_reach_training(tmp_path, fashion_images, tiny_prior_dir, caplog):
