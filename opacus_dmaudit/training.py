@@ -122,6 +122,16 @@ class PriorTrainingConfig:
             raise ValueError(f"minutes must be positive, got {self.minutes}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        # A decay of 1 or more never lets the EMA weights (the saved prior) leave their random initialisation.
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            raise ValueError(f"warmup_steps and checkpoint_every must be >= 0, got {self.warmup_steps} and "
+                             f"{self.checkpoint_every}")
 
 
 @dataclass
@@ -298,6 +308,10 @@ def train_prior(
         step += 1
         if step % 50 == 0 or step == 1:
             value = float(loss.detach())
+            if not math.isfinite(value):
+                if bar is not None:
+                    bar.close()
+                raise PriorTrainingDiverged(_diverged(f"the loss is {value} at step {step}", config))
             running = value if running is None else 0.9 * running + 0.1 * value
             losses.append(round(value, 5))
             if bar is not None:
@@ -312,11 +326,16 @@ def train_prior(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
-    save_checkpoint()
 
     ema_unet = build_unet(resolution=config.resolution, channels=config.channels, model_size=config.model_size)
     ema.copy_to(ema_unet.parameters())
-    ema_unet = ema_unet.to("cpu", dtype=torch.float16 if config.save_fp16 else torch.float32)
+    # .half(), not .to(dtype): diffusers' to() warns about float32-only modules even when there are none.
+    ema_unet = ema_unet.cpu().half() if config.save_fp16 else ema_unet.cpu()
+    if not all(bool(torch.isfinite(p).all()) for p in ema_unet.parameters()):
+        # Weights past float16's range (65504) become infinite when saved: a prior that only samples NaN.
+        raise PriorTrainingDiverged(_diverged("the trained weights are not finite"
+                                              + (" in float16" if config.save_fp16 else ""), config))
+    save_checkpoint()  # not before the check: a diverged run's state is not worth resuming
     DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
     (out / "training_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     final_loss = float(sum(losses[-20:]) / max(1, len(losses[-20:]))) if losses else float("nan")
@@ -334,6 +353,15 @@ def train_prior(
     _write_model_card(out, result, config, count=count, source=data_description or _describe_source(images),
                       adaptation=adaptation.describe())
     return result
+
+
+class PriorTrainingDiverged(ValueError):
+    """Training ran away (a non-finite loss or non-finite weights): no prior and no final checkpoint were written."""
+
+
+def _diverged(what: str, config: PriorTrainingConfig) -> str:
+    return (f"training diverged ({what}), so no prior was written: lower the learning rate (now "
+            f"{config.learning_rate:g}; the default is {PriorTrainingConfig.learning_rate:g})")
 
 
 def _describe_source(images) -> str:

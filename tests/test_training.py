@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -44,3 +45,28 @@ def test_training_config_is_validated(tmp_path):
         train_prior(torch.rand(4, 1, 8, 8), tmp_path, config=PriorTrainingConfig(model_size="huge"))
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_prior(torch.rand(4, 1, 8, 8), tmp_path / "x", config=PriorTrainingConfig(model_size="tiny"), resume=True)
+    for bad in (dict(ema_decay=1.5), dict(ema_decay=1.0), dict(learning_rate=0.0), dict(warmup_steps=-5),
+                dict(checkpoint_every=-1), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PriorTrainingConfig(**bad).validate()
+
+
+def test_a_training_run_that_diverges_writes_no_prior(tmp_path, fashion_images):
+    # A learning rate far too high: the weights outgrow float16, so the saved prior would sample only NaN.
+    config = PriorTrainingConfig(model_size="tiny", epochs=3, batch_size=32, warmup_steps=0, learning_rate=1e9)
+    with pytest.raises(ValueError, match=r"training diverged \(.*\), so no prior was written: lower the learning "
+                                         r"rate \(now 1e\+09; the default is 0.0002\)"):
+        train_prior(fashion_images[:64], tmp_path / "prior", config=config, device="cpu", progress=False)
+    assert not list((tmp_path / "prior").iterdir())  # no prior, and no checkpoint of the diverged state
+    # A sound run casts to float16 without diffusers' warning about float32-only modules (there are none). Diffusers
+    # logs through its own handler and does not propagate, so the test listens on its logger directly.
+    heard = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = lambda record: heard.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(listener)
+    try:
+        train_prior(fashion_images[:32], tmp_path / "sound", device="cpu", progress=False,
+                    config=PriorTrainingConfig(model_size="tiny", epochs=1, batch_size=32, warmup_steps=0))
+    finally:
+        logging.getLogger("diffusers").removeHandler(listener)
+    assert not [m for m in heard if "kept in float32" in m] and (tmp_path / "sound" / "model_index.json").is_file()
