@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--images", required=True, help="IDX (.gz), .npy/.npz, image folder, or fashion-mnist[:train]")
     rec.add_argument("--noise-std", type=_non_negative_float, nargs="+", required=True,
                      help="per-pixel Gaussian noise std(s) in [0, 1] pixel units")
-    rec.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    rec.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help=_SAMPLER_HELP)
     rec.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
     rec.add_argument("--limit", type=_positive_int, default=None, help="use the first N images in file order")
-    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--seed", type=int, default=0, help="seed of the added noise and the sampler (default 0)")
     rec.add_argument("--estimate-noise", action="store_true", help="estimate each image's noise std (unknown variance)")
     rec.add_argument("--batch-size", type=_positive_int, default=None,
                      help="images per UNet call (default: 256 on CUDA, 32 on CPU; fewer for images over 64x64)")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--per-image", action="store_true", help="include per-image metrics in the JSON")
     rec.add_argument("--grid", type=Path, default=None, help="write a PNG grid: original, noisy, reconstructed")
     rec.add_argument("--overwrite", action="store_true", help="replace existing --json / --grid files")
-    rec.add_argument("--no-progress", action="store_true")
+    rec.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = commands.add_parser("train-prior", help="train a diffusion prior (DDPMPipeline folder)")
     train.add_argument("--images", required=True, help="training images (e.g. fashion-mnist:train)")
@@ -81,39 +81,50 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resolution", type=_positive_int, default=None,
                        help="side of the prior's square images (default: 32 for images up to 32x32, else their size)")
     train.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: the images' channels")
-    train.add_argument("--model-size", choices=("tiny", "small", "base"), default="small")
+    train.add_argument("--model-size", choices=("tiny", "small", "base"), default="small",
+                       help="UNet width and depth (default small)")
     budget = train.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=_positive_float, default=None)
-    budget.add_argument("--minutes", type=_positive_float, default=None)
-    train.add_argument("--batch-size", type=_positive_int, default=128)
-    train.add_argument("--learning-rate", type=_positive_float, default=2e-4)
-    train.add_argument("--warmup-steps", type=int, default=500)
-    train.add_argument("--ema-decay", type=float, default=0.9995)
-    train.add_argument("--no-flips", action="store_true")
+    budget.add_argument("--epochs", type=_positive_float, default=None, help="passes over the images (default 1)")
+    budget.add_argument("--minutes", type=_positive_float, default=None,
+                        help="train for this wall-clock time instead of a number of epochs")
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="images per step (default 128)")
+    train.add_argument("--learning-rate", type=_positive_float, default=2e-4, help="AdamW peak rate (default 2e-4)")
+    train.add_argument("--warmup-steps", type=int, default=500,
+                       help="steps of linear learning-rate warm-up (default 500)")
+    train.add_argument("--ema-decay", type=float, default=0.9995,
+                       help="decay of the EMA weights that are saved, in [0, 1) (default 0.9995)")
+    train.add_argument("--no-flips", action="store_true", help="no random horizontal flips (e.g. for digits)")
     train.add_argument("--limit", type=_positive_int, default=None, help="train on the first N images only")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise (default 0)")
     train.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
-    train.add_argument("--checkpoint-every", type=int, default=2000)
+    train.add_argument("--checkpoint-every", type=int, default=2000,
+                       help="steps between resumable checkpoints; 0: only at the end (default 2000)")
     train.add_argument("--fp32", action="store_true", help="save float32 weights instead of float16")
-    train.add_argument("--device", default=None)
-    train.add_argument("--resume", action="store_true")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from --out's checkpoint (--epochs / --minutes count from the first start)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep = commands.add_parser("sweep", help="which noise multiplier? attack, reconstruct and bound per sigma")
     sweep.add_argument("--images", required=True, help="images to attack (e.g. fashion-mnist for the test split)")
-    sweep.add_argument("--prior", required=True)
+    sweep.add_argument("--prior", required=True,
+                       help="shipped prior name (fashion-mnist), pipeline folder or hub id")
     sigmas = sweep.add_mutually_exclusive_group()
-    sigmas.add_argument("--noise-multipliers", type=_positive_float, nargs="+", default=None)
-    sigmas.add_argument("--target-epsilons", type=_positive_float, nargs="+", default=None)
+    sigmas.add_argument("--noise-multipliers", type=_positive_float, nargs="+", default=None,
+                        help="the noise multipliers to compare (default 0.3 1 3)")
+    sigmas.add_argument("--target-epsilons", type=_positive_float, nargs="+", default=None,
+                        help="or the epsilons to compare: each becomes the noise multiplier that reaches it "
+                             "over your schedule")
     sweep.add_argument("--sample-rate", type=_positive_float, default=64 / 60000,
                        help="your training's sampling rate q (default 64/60000)")
     sweep.add_argument("--epochs", type=_positive_float, default=10.0, help="your training's epochs (default 10)")
-    sweep.add_argument("--delta", type=_positive_float, default=1e-5)
-    sweep.add_argument("--max-grad-norm", type=_positive_float, default=1.0)
-    sweep.add_argument("--batch-size", type=_positive_int, default=64)
-    sweep.add_argument("--bins", type=_positive_int, default=128)
-    sweep.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    sweep.add_argument("--steps", type=_positive_int, default=50)
+    sweep.add_argument("--delta", type=_positive_float, default=1e-5, help="delta of the epsilons (default 1e-5)")
+    sweep.add_argument("--max-grad-norm", type=_positive_float, default=1.0,
+                       help="your training's clipping norm C (default 1)")
+    sweep.add_argument("--batch-size", type=_positive_int, default=64, help="images per attacked step (default 64)")
+    sweep.add_argument("--bins", type=_positive_int, default=128, help="imprint bins (default 128)")
+    sweep.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help=_SAMPLER_HELP)
+    sweep.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
     sweep.add_argument("--limit", type=_positive_int, default=256, help="attack the first N images (default 256)")
     sweep.add_argument("--links", type=_positive_int, default=1, help="average a sample over this many steps")
     sweep.add_argument("--kappa-samples", type=_positive_int, default=64, help="prior draws for the baseline kappa")
@@ -122,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="error threshold of a success (1 - SSIM for ssim; default 0.5)")
     sweep.add_argument("--target-success", type=_non_negative_float, default=0.05,
                        help="highest acceptable success rate for the recommendation (default 0.05)")
-    sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--device", default=None)
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the noise, batches and sampler (default 0)")
+    sweep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sweep.add_argument("--eager", action="store_true", help=_EAGER_HELP)
-    sweep.add_argument("--out", required=True, type=Path)
+    sweep.add_argument("--out", required=True, type=Path,
+                       help="folder for sweep.json, sweep.csv, plots, grids and TensorBoard logs (private)")
     sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
     return parser
 
@@ -269,6 +281,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+_SAMPLER_HELP = "ddim (default, --steps steps from t*) or ddpm (every step from t*, as in the paper)"
 _EAGER_HELP = "no speed options (fp32, eager, no CUDA graphs); default on CUDA: bf16, compiled, CUDA graphs"
 
 
