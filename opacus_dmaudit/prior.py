@@ -28,6 +28,7 @@ __all__ = [
     "HUB_PRIORS",
     "SHIPPED_PRIORS",
     "shipped_prior_path",
+    "resolve_device",
     "DiffusionPrior",
     "ReconstructionOutput",
     "default_batch_size",
@@ -74,6 +75,30 @@ def shipped_prior_path(name: str) -> Path:
     if not (path / "unet" / "config.json").is_file():
         raise PriorLoadError(f"the shipped prior {name!r} is missing from {path}; reinstall opacus-dmaudit")
     return path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: the one asked for, once it is known to exist here, or CUDA when available.
+
+    Raises:
+        ValueError: naming the fix, for a name torch does not know or a CUDA device this machine lacks (torch's own
+            errors come later, and speak of drivers).
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:1' ...") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine "
+                             "(torch.cuda.is_available() is False); use device 'cpu', or leave it unset")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return resolved
 
 
 def default_batch_size(device: torch.device | str, resolution: int) -> int:
@@ -150,7 +175,7 @@ class DiffusionPrior:
     ) -> None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         with _quiet_diffusers():
             self.unet = unet.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
         self.alphas_cumprod = alphas_cumprod.detach().to(torch.float64).cpu()
@@ -189,6 +214,7 @@ class DiffusionPrior:
         """
         from diffusers import DDPMScheduler, UNet2DModel
 
+        resolve_device(device)  # a device that is not here fails now, not after the weights are loaded
         text = str(name_or_path)
         source: str | Path
         if text in SHIPPED_PRIORS:

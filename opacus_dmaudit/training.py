@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from opacus_dmaudit.data import adapt_to_prior, load_images
+from opacus_dmaudit.prior import resolve_device
 
 __all__ = ["MODEL_SIZES", "PriorTrainingConfig", "PriorTrainingOutput", "build_unet", "train_prior"]
 
@@ -198,6 +199,7 @@ def train_prior(
 
     config = config or PriorTrainingConfig()
     config.validate()
+    device = resolve_device(device)
     out = Path(out_dir)
     checkpoint_path = out / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
@@ -207,7 +209,6 @@ def train_prior(
             raise FileExistsError(f"{out} is not empty; pass resume=True (--resume) or overwrite=True (--overwrite)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     data = images if isinstance(images, torch.Tensor) else load_images(images)
     config = config.for_images(data)

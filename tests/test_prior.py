@@ -107,3 +107,20 @@ def test_default_batch_size_shrinks_with_the_image_size(resolution, expected):
     assert prior.resolution == resolution and prior.default_batch_size == expected
     # The same rule on CUDA (computed, no device needed): 256 up to 64×64, 32 at 256×256.
     assert default_batch_size("cuda", resolution) == {16: 256, 64: 256, 128: 128, 256: 32}[resolution]
+
+
+def test_a_device_this_machine_lacks_is_named_before_anything_loads(tiny_prior_dir, tmp_path):
+    from opacus_dmaudit.training import train_prior
+
+    with pytest.raises(ValueError, match="'gpu' is not a torch device: use 'cpu', 'cuda'"):
+        DiffusionPrior.from_pretrained(tiny_prior_dir, device="gpu")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=f"this machine has {torch.cuda.device_count()} CUDA device"):
+            DiffusionPrior.from_pretrained(tiny_prior_dir, device="cuda:99")
+        return
+    # Torch's own error would come at the first CUDA call and speak of NVIDIA drivers.
+    with pytest.raises(ValueError, match=r"CUDA is not available on this machine .*use device 'cpu'"):
+        DiffusionPrior.from_pretrained(tiny_prior_dir, device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_prior(torch.rand(4, 1, 8, 8), tmp_path / "prior", device="cuda")
+    assert not (tmp_path / "prior").exists()  # refused before the output folder was made
