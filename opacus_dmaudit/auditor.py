@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from opacus_dmaudit.bounds import estimate_kappa, rero_bound_gdp
+from opacus_dmaudit.bounds import PRVGridTooLarge, check_prv_grid, estimate_kappa, rero_bound_gdp
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
 from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
@@ -924,10 +924,20 @@ class DMAuditor:
         if any(float(noise_multiplier) == 0.0 for noise_multiplier, *_ in history):
             # No noise, no privacy: epsilon is infinite, which the PRV and GDP accountants fail to compute.
             return float("inf")
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
         # A private copy of the accountant at the audited step: the training thread keeps appending to its own.
         snapshot = type(accountant)()
         snapshot.history = history
         try:
+            if isinstance(snapshot, PRVAccountant):
+                try:
+                    check_prv_grid(history, delta_error=self.delta / 1000)  # get_epsilon's default delta_error
+                except PRVGridTooLarge as exc:
+                    # Building that grid would take the memory training runs in; RDP's epsilon is a valid bound.
+                    notes.append(f"epsilon from the RDP accountant: {exc}")
+                    snapshot = RDPAccountant()
+                    snapshot.history = history
             return float(snapshot.get_epsilon(self.delta))
         except Exception as exc:  # e.g. the PRV accountant's discretisation at tiny noise multipliers
             notes.append(f"epsilon unavailable: {exc}")

@@ -32,7 +32,45 @@ if TYPE_CHECKING:
     from opacus_dmaudit.metrics import ImageMetrics
     from opacus_dmaudit.prior import DiffusionPrior
 
-__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "schedule_epsilon", "mu_gdp", "estimate_kappa", "ScheduleBound"]
+__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "schedule_epsilon", "noise_multiplier_for_epsilon", "mu_gdp",
+           "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS", "prv_grid_points",
+           "check_prv_grid", "PRVGridTooLarge"]
+
+# Opacus's PRV accountant discretises the composed privacy loss on a grid that grows without bound as the noise
+# multiplier shrinks: 7.7e8 points at sigma 0.1, q = 64/60000 over 9,375 steps. Linux lets numpy reserve that much
+# and then kills the process (a sweep at sigma 0.1 was killed on a 24 GB machine), so no MemoryError ever comes.
+# Measured peak memory of epsilon plus bound on the 2-core CPU: 5.1e6 points 1.4 GB, 2.0e7 points 5.2 GB. Above this
+# cap the PRV figures give way to the RDP accountant's (looser, still valid) ones.
+PRV_MAX_GRID_POINTS = 10_000_000
+
+
+class PRVGridTooLarge(MemoryError):
+    """Opacus's PRV accountant would need a grid above :data:`PRV_MAX_GRID_POINTS` for this history."""
+
+
+def prv_grid_points(history: list[tuple[float, float, int]], *, eps_error: float = 0.01,
+                    delta_error: float) -> int:
+    """How many points Opacus's PRV accountant discretises ``history`` (``(sigma, q, steps)`` triples) on.
+
+    This is the accountant's own domain computation, without building the grid (a fraction of a second).
+    """
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    domain = PRVAccountant()._get_domain(
+        prvs=[PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier) for noise_multiplier, sample_rate, _ in
+              history],
+        num_self_compositions=[steps for *_, steps in history], eps_error=eps_error, delta_error=delta_error)
+    return int(domain.size)
+
+
+def check_prv_grid(history: list[tuple[float, float, int]], *, eps_error: float = 0.01, delta_error: float) -> None:
+    """Raise :class:`PRVGridTooLarge` (naming the size) when the PRV grid for ``history`` exceeds the cap."""
+    points = prv_grid_points(history, eps_error=eps_error, delta_error=delta_error)
+    if points > PRV_MAX_GRID_POINTS:
+        raise PRVGridTooLarge(f"Opacus's PRV accountant would need a grid of {points:.3g} points (some "
+                              f"{points * 256 / 2**30:.0f} GiB) at noise multiplier "
+                              f"{min(h[0] for h in history):g}")
 
 
 def _check(kappa: float, noise_multiplier: float, steps: int, sample_rate: float = 1.0) -> None:
@@ -89,6 +127,7 @@ def _composed_prv(noise_multiplier: float, sample_rate: float, steps: int, eps_e
 
     accountant = PRVAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
+    check_prv_grid(accountant.history, eps_error=eps_error, delta_error=delta_error)
     # Opacus's own discretised, composed privacy-loss distribution (the one its epsilon comes from).
     return accountant._get_dprv(eps_error=eps_error, delta_error=delta_error)
 
@@ -153,7 +192,8 @@ def _rero_bound_from_rdp(*, noise_multiplier: float, sample_rate: float, steps: 
 
 
 def schedule_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> dict[str, float | None]:
-    """Epsilon of the schedule from Opacus's RDP and PRV accountants (``None`` where one fails)."""
+    """Epsilon of the schedule from Opacus's RDP and PRV accountants (``None`` where one fails, and for PRV where its
+    grid would exceed :data:`PRV_MAX_GRID_POINTS`)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     result: dict[str, float | None] = {}
@@ -161,10 +201,41 @@ def schedule_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int,
         accountant = cls()
         accountant.history = [(noise_multiplier, sample_rate, steps)]
         try:
+            if name == "prv":
+                check_prv_grid(accountant.history, delta_error=delta / 1000)  # get_epsilon's default delta_error
             result[name] = float(accountant.get_epsilon(delta))
         except Exception:  # PRV discretisation fails at tiny noise multipliers
             result[name] = None
     return result
+
+
+def noise_multiplier_for_epsilon(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                                 tolerance: float = 0.01) -> float:
+    """The noise multiplier whose schedule reaches ``target_epsilon`` (to within ``tolerance``) at ``delta``.
+
+    Opacus's ``get_noise_multiplier(accountant="prv")`` bisects from 20 down, and for a large target it asks the PRV
+    accountant about noise multipliers whose grid fills any machine's memory. This bisection takes the PRV epsilon
+    where its grid fits and RDP's (an upper bound, so the noise multiplier found is never too small) elsewhere.
+    """
+    def epsilon(sigma: float) -> float:
+        eps = schedule_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
+        return eps["prv"] if eps["prv"] is not None else eps["rdp"]
+
+    low, high = 0.0, 10.0
+    eps_high = math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon:g}: the budget is too low")
+        eps_high = epsilon(high)
+    while target_epsilon - eps_high > tolerance:
+        middle = (low + high) / 2
+        eps = epsilon(middle)
+        if eps < target_epsilon:
+            high, eps_high = middle, eps
+        else:
+            low = middle
+    return high
 
 
 @dataclass

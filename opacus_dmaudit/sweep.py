@@ -23,7 +23,8 @@ from typing import Sequence
 
 import torch
 
-from opacus_dmaudit.bounds import estimate_kappa, mu_gdp, rero_bound_dpsgd, rero_bound_gdp, schedule_epsilon
+from opacus_dmaudit.bounds import (estimate_kappa, mu_gdp, noise_multiplier_for_epsilon, rero_bound_dpsgd,
+                                   rero_bound_gdp, schedule_epsilon)
 from opacus_dmaudit.data import adapt_to_prior
 from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, success_rates, summarize
 from opacus_dmaudit.prior import DiffusionPrior
@@ -42,7 +43,8 @@ class SweepConfig:
 
     Attributes:
         noise_multipliers: the sigmas to sweep (or give ``target_epsilons``).
-        target_epsilons: epsilons for the schedule; each becomes the sigma Opacus's PRV accountant picks.
+        target_epsilons: epsilons for the schedule; each becomes the sigma that reaches it by Opacus's PRV accountant
+            (by its RDP accountant where the PRV grid would not fit in memory, see ``bounds.PRV_MAX_GRID_POINTS``).
         success_metric / success_eta / target_success: the recommendation is the smallest sigma whose success rate
             (error within eta) stays at or below ``target_success``.
     """
@@ -237,11 +239,8 @@ def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfi
         # Refused now rather than after the whole sweep, whose recommendation would have had nothing to go by.
         raise ValueError(f"success_metric 'lpips' cannot be scored here: {lpips.reason}; choose ssim or mse")
     if config.target_epsilons is not None:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        sigmas = [float(get_noise_multiplier(target_epsilon=e, target_delta=config.delta,
-                                             sample_rate=config.sample_rate, steps=config.training_steps,
-                                             accountant="prv")) for e in config.target_epsilons]
+        sigmas = [noise_multiplier_for_epsilon(target_epsilon=e, delta=config.delta, sample_rate=config.sample_rate,
+                                               steps=config.training_steps) for e in config.target_epsilons]
     else:
         sigmas = [float(s) for s in config.noise_multipliers]
     images = images.detach().float().cpu()

@@ -30,3 +30,24 @@ def tiny_prior_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("priors") / "tiny"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def prv_grids_built(monkeypatch):
+    """The sizes of the PRV grids Opacus is asked to build. One over the cap is recorded and refused, not built: it
+    could take the test run down with it."""
+    from opacus.accountants import PRVAccountant
+
+    from opacus_dmaudit import bounds
+
+    built = []
+    build = PRVAccountant._get_dprv
+
+    def recording(self, eps_error, delta_error):
+        built.append(bounds.prv_grid_points(self.history, eps_error=eps_error, delta_error=delta_error))
+        if built[-1] > bounds.PRV_MAX_GRID_POINTS:
+            raise MemoryError("refused by the test")
+        return build(self, eps_error, delta_error)
+
+    monkeypatch.setattr(PRVAccountant, "_get_dprv", recording)
+    return built

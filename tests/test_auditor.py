@@ -292,6 +292,23 @@ def test_inline_imprint_keeps_its_precision_whatever_the_models(tmp_path, fashio
     assert all(p.dtype == dtype for p in model._module.model.parameters())
 
 
+def test_a_prv_epsilon_that_would_not_fit_in_memory_comes_from_rdp(tmp_path, fashion_images, tiny_prior_dir,
+                                                                   prv_grids_built):
+    # sigma 0.01 at q = 0.25: Opacus's PRV accountant would build a grid of 4e7 points (some 10 GiB) at each audit,
+    # beside the training it must not disturb. The record's epsilon is RDP's instead, and says so.
+    from opacus.accountants import RDPAccountant
+
+    engine, auditor, _ = train(fashion_images, sigma=0.01, steps=5, accountant="prv",
+                               auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, kappa_samples=0))
+    rdp = RDPAccountant()
+    rdp.history = list(engine.accountant.history)
+    [record] = auditor.records
+    assert record.epsilon == rdp.get_epsilon(1e-5)
+    assert len(record.notes) == 1 and record.notes[0].startswith(
+        "epsilon from the RDP accountant: Opacus's PRV accountant would need a grid of 3.99e+07 points")
+    assert not prv_grids_built
+
+
 def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images, sigma=0.5, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
     floor = 0.5 * float((fashion_images.flatten(1).norm(dim=1) ** 2 + 1).sqrt().median())

@@ -1,7 +1,11 @@
 import pytest
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.gdp import compute_mu_poisson
+from opacus.accountants.utils import get_noise_multiplier
 
-from opacus_dmaudit.bounds import ScheduleBound, mu_gdp, rero_bound_dpsgd, rero_bound_gdp
+from opacus_dmaudit import bounds
+from opacus_dmaudit.bounds import (PRV_MAX_GRID_POINTS, ScheduleBound, mu_gdp, noise_multiplier_for_epsilon,
+                                   prv_grid_points, rero_bound_dpsgd, rero_bound_gdp, schedule_epsilon)
 
 
 @pytest.mark.parametrize("sigma, steps", [(1.0, 1), (0.5, 1), (1.0, 10), (2.0, 100)])
@@ -48,3 +52,34 @@ def test_tiny_noise_falls_back_to_a_valid_rdp_bound():
     # sigma 0.05 over 9375 steps: Opacus's PRV grid would need hundreds of GiB; the bound must still come back.
     bound = rero_bound_dpsgd(noise_multiplier=0.05, sample_rate=64 / 60000, steps=9375, kappa=0.01)
     assert 0.01 <= bound <= 1.0
+
+
+def test_a_prv_grid_that_would_not_fit_in_memory_is_never_built(prv_grids_built):
+    # sigma 0.1 at q = 64/60000 over 10 epochs: Opacus's grid holds 7.7e8 points. Numpy reserves it without a
+    # MemoryError and Linux then kills the process: a sweep at sigma 0.1 was killed on a 24 GB machine.
+    schedule = dict(noise_multiplier=0.1, sample_rate=64 / 60000, steps=9375)
+    assert prv_grid_points([(0.1, 64 / 60000, 9375)], delta_error=1e-9) > 50 * PRV_MAX_GRID_POINTS
+    epsilons = schedule_epsilon(**schedule, delta=1e-5)
+    rdp = RDPAccountant()
+    rdp.history = [(0.1, 64 / 60000, 9375)]
+    assert epsilons == {"rdp": rdp.get_epsilon(1e-5), "prv": None}
+    assert rero_bound_dpsgd(**schedule, kappa=0.01) == 1.0
+    assert not prv_grids_built
+    # A schedule whose grid fits still gets Opacus's PRV figures.
+    assert schedule_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=1e-5)["prv"] is not None
+    assert prv_grids_built and max(prv_grids_built) <= PRV_MAX_GRID_POINTS
+
+
+def test_the_noise_multiplier_for_an_epsilon_is_opacus_s_where_the_prv_grid_fits(prv_grids_built, monkeypatch):
+    schedule = dict(sample_rate=0.01, steps=500)
+    assert noise_multiplier_for_epsilon(target_epsilon=3.0, delta=1e-5, **schedule) == \
+        get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, accountant="prv", **schedule)
+    # A large target sends the bisection down to noise multipliers whose PRV grid would not fit: RDP answers there,
+    # and its epsilon is an upper bound, so the noise multiplier found still reaches the target.
+    # (A smaller cap keeps the test quick: grids near the real one take a minute each.)
+    monkeypatch.setattr(bounds, "PRV_MAX_GRID_POINTS", 100_000)
+    prv_grids_built.clear()
+    sigma = noise_multiplier_for_epsilon(target_epsilon=2000.0, delta=1e-5, sample_rate=0.25, steps=100)
+    assert max(prv_grids_built) <= 100_000
+    reached = schedule_epsilon(noise_multiplier=sigma, sample_rate=0.25, steps=100, delta=1e-5)
+    assert (reached["prv"] or reached["rdp"]) <= 2000.0
