@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--limit", type=_positive_int, default=256, help="attack the first N images (default 256)")
     sweep.add_argument("--links", type=_positive_int, default=1, help="average a sample over this many steps")
     sweep.add_argument("--kappa-samples", type=_positive_int, default=64, help="prior draws for the baseline kappa")
-    sweep.add_argument("--success-metric", choices=("mse", "ssim", "lpips"), default="ssim")
+    sweep.add_argument("--success-metric", choices=("mse", "ssim", "lpips"), default="ssim",
+                       help="the error a success is judged by (default ssim; lpips needs the VGG16 weights)")
     sweep.add_argument("--success-eta", type=_positive_float, default=0.5,
                        help="error threshold of a success (1 - SSIM for ssim; default 0.5)")
     sweep.add_argument("--target-success", type=_non_negative_float, default=0.05,

@@ -88,3 +88,12 @@ def test_reconstruct_says_what_a_gray_prior_loses_of_colour_images(tmp_path, tin
     assert out.returncode == 0, out.stderr
     assert "note: reconstructions lose colour" in out.stdout
     assert "lose colour" in json.loads((tmp_path / "r.json").read_text())["adaptation_loss"]
+
+
+def test_every_option_says_what_it_does():
+    from opacus_dmaudit.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.choices and isinstance(a.choices, dict)).choices
+    silent = [f"{name} {action.option_strings[0]}" for name, command in commands.items()
+              for action in command._actions if action.option_strings and not action.help]
+    assert not silent
