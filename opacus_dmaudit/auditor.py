@@ -512,9 +512,14 @@ class DMAuditor:
         sample = self._calibration_sample(data_loader)
         self._check_float_inputs(sample)
         sample = image_batch(sample, what="the data loader's samples")
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
         block = ImprintBlock(image_shape=tuple(sample.shape[1:]), bins=self.bins, structure=self.structure,
                              measurement=self.measurement, gain=self.gain, seed=self.seed)
+        if parameter is not None and parameter.dtype == torch.float64:
+            # Rows as precise as a float64 model's; Opacus 1.5.2 also fails to clip float32 and float64 parameters
+            # together. Lower-precision models keep float32 rows (see ImprintBlock.activations).
+            block.imprint.double()
         self.block = block.calibrate(sample).to(device)
         if self._distributed_inline:
             # Each rank sampled its own dataset (random augmentations differ by rank), but rank 0 matches the

@@ -195,8 +195,9 @@ class ImprintBlock(nn.Module):
         return torch.bucketize(self.measure(images).double(), self.edges.double().contiguous(), right=True) - 1
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        # The rows keep their own dtype whatever the model's (a float64 or bfloat16 model, or autocast around it): the
-        # image is read back from their gradients, and an attacker who plants them would not give up that precision.
+        # The rows keep their own dtype (float32, float64 beside a float64 model) whatever the model's (bfloat16, or
+        # autocast around it): the image is read back from their gradients, and an attacker who plants them would
+        # not give up that precision.
         with torch.autocast(x.device.type, enabled=False):
             h = self.imprint(x.flatten(1).to(self.imprint.weight.dtype))
         return h.clamp(0.0, 1.0) if self.structure == "sparse" else torch.relu(h)
