@@ -182,6 +182,35 @@ def image_batch(images, *, what: str) -> torch.Tensor:
     return images.detach().float().cpu()
 
 
+class _PreStepGuard:
+    """Runs ``before(optimizer)`` at the start of the DP optimizer's ``pre_step`` (before Opacus clips), on this
+    optimizer instance only; ``remove()`` gives the optimizer its own method back."""
+
+    def __init__(self, optimizer, before: Callable) -> None:
+        self.optimizer, self.active = optimizer, True
+        original = optimizer.pre_step
+        self._earlier = vars(optimizer).get("pre_step")  # someone else's wrapper on this instance, if any
+
+        def pre_step(*args, **kwargs):
+            if self.active:
+                try:
+                    before(optimizer)
+                except Exception:  # a guard of the user's step must never be what breaks it
+                    logger.exception("opacus_dmaudit: checking the imprint's gradients failed")
+            return original(*args, **kwargs)
+
+        self.wrapper = pre_step
+        optimizer.pre_step = pre_step
+
+    def remove(self) -> None:
+        self.active = False  # if someone wrapped pre_step after us, our link stays but does nothing
+        if vars(self.optimizer).get("pre_step") is self.wrapper:
+            if self._earlier is None:
+                del self.optimizer.pre_step  # the class's own method shows again
+            else:
+                self.optimizer.pre_step = self._earlier
+
+
 class DMAuditor:
     """Audits an Opacus training run: what does a diffusion-prior attacker recover from these DP-SGD steps?
 
@@ -358,6 +387,7 @@ class DMAuditor:
         self._stopped = False
         self._inside_make_private = False
         self._make_private_error: str | None = None  # why the last make_private raised, for close() to say
+        self._imprint_cut = False  # inline: the step being built gave the imprint no gradient (filled with zeros)
         # Inline under torch.distributed: every rank joins the capture's collectives; rank 0 audits.
         self._distributed_inline = mode == "inline" and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -561,6 +591,7 @@ class DMAuditor:
                                             after_step=self._after_step, on_error=self._failed)
             restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
             self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
+            self._handles.append(_PreStepGuard(optimizer, self._fill_missing_imprint_gradients))
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._after_step(self._steps + 1)))
         self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
@@ -603,9 +634,29 @@ class DMAuditor:
         finally:
             self._hook_seconds += time.perf_counter() - started
 
+    def _fill_missing_imprint_gradients(self, optimizer) -> None:
+        """Inline, before Opacus clips: a model that cuts the gradient to its input (a ``detach()``, a rounding)
+        leaves the imprint rows without per-sample gradients, and Opacus would stop the user's step. They get zeros
+        (the step then adds only its noise to them) and the step is not audited."""
+        rows = list(self.block.imprint.parameters())
+        missing = [p for p in rows if getattr(p, "grad_sample", None) is None]
+        if not missing:
+            return
+        ours = {id(p) for p in rows}
+        reached = [p.grad_sample for p in optimizer.params
+                   if id(p) not in ours and getattr(p, "grad_sample", None) is not None]
+        if not reached:
+            return  # no per-sample gradients at all (another grad-sample mode, or no backward): Opacus's own case
+        sample = reached[0]
+        count = sum(len(g) for g in sample) if isinstance(sample, list) else len(sample)
+        for p in missing:
+            p.grad_sample = torch.zeros((count, *p.shape), dtype=p.dtype, device=p.device)
+        self._imprint_cut = True
+
     def _enqueue(self, step: int) -> None:
         self._steps = step
         pending, self._pending = self._pending, []
+        cut, self._imprint_cut = self._imprint_cut, False
         if not self._is_audited(step):
             return
         if self._distributed_inline:
@@ -616,6 +667,12 @@ class DMAuditor:
             if not self.active or self._stopped:
                 return
             pending = [t for t in gathered if t is not None and t.numel()]
+        if cut:
+            self._warn_once("gradient cut", f"step {step} was due for an audit, but no gradient reached the imprint "
+                            "block in front of the model: its forward cuts the gradient to its input (a detach() or "
+                            "a rounding, say), so mode='inline' sees only noise there; these steps are not audited "
+                            "(training goes on): use mode='shadow' for this model")
+            return
         if not pending:
             if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
                 self._warn_once("no batch", f"step {step} was due for an audit, but no training forward of the "

@@ -303,6 +303,34 @@ def test_inline_imprint_keeps_its_precision_whatever_the_models(tmp_path, fashio
     assert auditor.block.imprint.weight.dtype == (torch.float64 if precision == "float64" else torch.float32)
 
 
+def test_inline_mode_trains_a_model_that_cuts_the_gradient_to_its_input(tmp_path, fashion_images, tiny_prior_dir,
+                                                                          caplog):
+    # A detach() at the start of forward leaves the imprint rows without per-sample gradients: Opacus used to stop the
+    # first step ("Per sample gradient is not initialized"). The rows now get zeros, and those steps are not audited.
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn()
+
+        def forward(self, x):
+            return self.net(x.detach())
+
+    model, optimizer, loader, auditor = private_run(fashion_images, batch=64, sigma=0.5, model=Detached(),
+                                                    auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir,
+                                                                                mode="inline", every=2))
+    before = [p.detach().clone() for p in model._module.model.parameters()]
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        auditor.close()
+    assert auditor._steps == 4 and not auditor.records and auditor.errors == 0
+    assert all(not torch.equal(a, b) for a, b in zip(before, model._module.model.parameters()))  # it trained
+    assert caplog.text.count("no gradient reached the imprint block") == 1 and "mode='shadow'" in caplog.text
+    assert "pre_step" not in vars(optimizer)  # closing gives the optimizer its own method back
+
+
 def test_a_prv_epsilon_that_would_not_fit_in_memory_comes_from_rdp(tmp_path, fashion_images, tiny_prior_dir,
                                                                    prv_grids_built):
     # sigma 0.01 at q = 0.25: Opacus's PRV accountant would build a grid of 4e7 points (some 10 GiB) at each audit,
