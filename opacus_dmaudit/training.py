@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from opacus_dmaudit.data import adapt_to_prior, load_images
 from opacus_dmaudit.prior import resolve_device
 
-__all__ = ["MODEL_SIZES", "PriorTrainingConfig", "PriorTrainingOutput", "build_unet", "train_prior"]
+__all__ = ["MODEL_SIZES", "PriorTrainingConfig", "PriorTrainingOutput", "PriorTrainingDiverged", "build_unet", "train_prior"]
 
 MODEL_SIZES: dict[str, dict] = {
     # For tests and CPU smoke runs: about 0.1M parameters.
