@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 
 from opacus_dmaudit.bounds import PRVGridTooLarge, check_prv_grid, estimate_kappa, rero_bound_gdp
-from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError, chain_step_hook
+from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
+                                    chain_step_hook)
 from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
@@ -180,35 +181,6 @@ def image_batch(images, *, what: str) -> torch.Tensor:
         raise ValueError(f"{what} must hold at least two images to calibrate the imprint's bins on, "
                          f"got {images.shape[0]}")
     return images.detach().float().cpu()
-
-
-class _PreStepGuard:
-    """Runs ``before(optimizer)`` at the start of the DP optimizer's ``pre_step`` (before Opacus clips), on this
-    optimizer instance only; ``remove()`` gives the optimizer its own method back."""
-
-    def __init__(self, optimizer, before: Callable) -> None:
-        self.optimizer, self.active = optimizer, True
-        original = optimizer.pre_step
-        self._earlier = vars(optimizer).get("pre_step")  # someone else's wrapper on this instance, if any
-
-        def pre_step(*args, **kwargs):
-            if self.active:
-                try:
-                    before(optimizer)
-                except Exception:  # a guard of the user's step must never be what breaks it
-                    logger.exception("opacus_dmaudit: checking the imprint's gradients failed")
-            return original(*args, **kwargs)
-
-        self.wrapper = pre_step
-        optimizer.pre_step = pre_step
-
-    def remove(self) -> None:
-        self.active = False  # if someone wrapped pre_step after us, our link stays but does nothing
-        if vars(self.optimizer).get("pre_step") is self.wrapper:
-            if self._earlier is None:
-                del self.optimizer.pre_step  # the class's own method shows again
-            else:
-                self.optimizer.pre_step = self._earlier
 
 
 class DMAuditor:
@@ -591,7 +563,7 @@ class DMAuditor:
                                             after_step=self._after_step, on_error=self._failed)
             restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
             self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
-            self._handles.append(_PreStepGuard(optimizer, self._fill_missing_imprint_gradients))
+            self._handles.append(chain_pre_step(optimizer, self._fill_missing_imprint_gradients))
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._after_step(self._steps + 1)))
         self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
@@ -638,6 +610,12 @@ class DMAuditor:
         """Inline, before Opacus clips: a model that cuts the gradient to its input (a ``detach()``, a rounding)
         leaves the imprint rows without per-sample gradients, and Opacus would stop the user's step. They get zeros
         (the step then adds only its noise to them) and the step is not audited."""
+        try:
+            self._zero_missing_grad_samples(optimizer)
+        except Exception:  # a guard of the user's step must never be what breaks it
+            logger.exception("opacus_dmaudit: checking the imprint's gradients failed")
+
+    def _zero_missing_grad_samples(self, optimizer) -> None:
         rows = list(self.block.imprint.parameters())
         missing = [p for p in rows if getattr(p, "grad_sample", None) is None]
         if not missing:

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["CapturedGradients", "GradientCapture", "PerLayerClippingError", "StepHookHandle", "chain_step_hook"]
+__all__ = ["CapturedGradients", "ChainHandle", "GradientCapture", "PerLayerClippingError", "chain_pre_step",
+           "chain_step_hook"]
 
 
 class PerLayerClippingError(ValueError):
@@ -45,33 +46,66 @@ class CapturedGradients:
     step: int
 
 
-class StepHookHandle:
-    """Undoes :func:`chain_step_hook`."""
+_NOTHING_OF_ITS_OWN = object()  # the instance had no attribute of that name: the class's shows through
 
-    def __init__(self, optimizer, hook, previous) -> None:
-        self.optimizer, self.hook, self.previous = optimizer, hook, previous
+
+class ChainHandle:
+    """Undoes :func:`chain_step_hook` or :func:`chain_pre_step`: the optimizer instance's slot gets back what it held.
+
+    Attributes:
+        previous: what the slot held on the instance before the chain (the accountant's step hook, say).
+        active: False once removed; a link someone chained after ours stays in place but does nothing.
+    """
+
+    def __init__(self, optimizer, name: str, link: Callable, previous) -> None:
+        self.optimizer, self.name, self.link, self.previous = optimizer, name, link, previous
         self.active = True
 
     def remove(self) -> None:
-        self.active = False  # if someone chained after us, our link stays but does nothing
-        if self.optimizer.step_hook is self.hook:
-            self.optimizer.step_hook = self.previous
+        self.active = False
+        if vars(self.optimizer).get(self.name) is not self.link:
+            return  # someone chained after us: their link calls ours, which now passes straight through
+        if self.previous is _NOTHING_OF_ITS_OWN:
+            delattr(self.optimizer, self.name)
+        else:
+            setattr(self.optimizer, self.name, self.previous)
 
 
-def chain_step_hook(optimizer, fn: Callable) -> StepHookHandle:
-    """Run ``fn(optimizer)`` after the optimizer's existing step hook (the privacy accountant's), never instead."""
-    previous = optimizer.step_hook
-    handle: StepHookHandle
-
-    def hook(opt) -> None:
-        if previous is not None:
-            previous(opt)
-        if handle.active:
-            fn(opt)
-
-    handle = StepHookHandle(optimizer, hook, previous)
-    optimizer.step_hook = hook
+def _chain(optimizer, name: str, make_link: Callable[[Callable, ChainHandle], Callable]) -> ChainHandle:
+    """Put ``make_link(current, handle)`` into the instance slot ``name``, where ``current`` is what it held."""
+    handle = ChainHandle(optimizer, name, None, vars(optimizer).get(name, _NOTHING_OF_ITS_OWN))
+    handle.link = make_link(getattr(optimizer, name), handle)
+    setattr(optimizer, name, handle.link)
     return handle
+
+
+def chain_step_hook(optimizer, fn: Callable) -> ChainHandle:
+    """Run ``fn(optimizer)`` after the optimizer's existing step hook (the privacy accountant's), never instead."""
+    def make_link(previous, handle):
+        def hook(opt) -> None:
+            if previous is not None:
+                previous(opt)
+            if handle.active:
+                fn(opt)
+
+        return hook
+
+    return _chain(optimizer, "step_hook", make_link)
+
+
+def chain_pre_step(optimizer, fn: Callable) -> ChainHandle:
+    """Run ``fn(optimizer)`` at the start of the DP optimizer's ``pre_step``, before Opacus clips, on this optimizer
+    instance only; ``remove()`` gives the instance its own method back. ``fn`` runs inside the user's
+    ``optimizer.step()``: it must not raise."""
+    def make_link(original, handle):
+        def pre_step(*args, **kwargs):
+            if handle.active:
+                fn(optimizer)
+            return original(*args, **kwargs)
+
+        return pre_step
+
+    return _chain(optimizer, "pre_step", make_link)
 
 
 def _is_distributed(optimizer) -> bool:

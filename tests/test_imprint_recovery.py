@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from opacus import PrivacyEngine
 
-from opacus_dmaudit.capture import GradientCapture, PerLayerClippingError
+from opacus_dmaudit.capture import GradientCapture, PerLayerClippingError, chain_pre_step, chain_step_hook
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
 from opacus_dmaudit.recovery import recover_images
 
@@ -96,6 +96,39 @@ def test_capture_chains_the_accountant_hook(fashion_images):
     previous = capture._handle.previous
     capture.detach()
     assert optimizer.step_hook is previous is not None  # the accountant's hook is back
+
+
+@pytest.mark.parametrize("slot", ["step_hook", "pre_step"])
+def test_chained_links_run_in_their_order_and_come_off_in_any_order(fashion_images, slot):
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:128], sigma=1.0)
+    chain = chain_step_hook if slot == "step_hook" else chain_pre_step
+    own = vars(optimizer).get(slot, "none of its own")
+    calls = []
+    first = chain(optimizer, lambda opt: calls.append("first"))
+    second = chain(optimizer, lambda opt: calls.append("second"))
+
+    def step(x, y):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    (x1, y1), (x2, y2) = loader
+    step(x1, y1)
+    # A step hook's links run after what they chained onto (the accountant first); pre_step links before theirs.
+    assert calls == (["first", "second"] if slot == "step_hook" else ["second", "first"])
+    del calls[:]
+    first.remove()  # someone chained after it: its link stays in place and does nothing
+    step(x2, y2)
+    assert calls == ["second"]
+    assert len(engine.accountant.history) == 1 and engine.accountant.history[0][2] == 2  # Opacus's own work ran
+    second.remove()  # the slot gets back what it held before: first's link, a pass-through now
+    assert vars(optimizer)[slot] is first.link
+    step(x1, y1)
+    assert calls == ["second"]
+    again = chain(optimizer, lambda opt: calls.append("again"))
+    again.remove()
+    first.remove()  # removed in the reverse order of chaining, the instance holds what it had of its own again
+    assert vars(optimizer).get(slot, "none of its own") is own
 
 
 def test_a_failing_capture_goes_to_on_error_and_the_step_still_happens(fashion_images):
