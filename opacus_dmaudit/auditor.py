@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from opacus_dmaudit.bounds import PRVGridTooLarge, check_prv_grid, estimate_kappa, rero_bound_gdp
+from opacus_dmaudit.bounds import estimate_kappa, history_epsilon, rero_bound_gdp
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
                                     chain_step_hook)
 from opacus_dmaudit.data import denormalize
@@ -964,24 +964,16 @@ class DMAuditor:
         if any(float(noise_multiplier) == 0.0 for noise_multiplier, *_ in history):
             # No noise, no privacy: epsilon is infinite, which the PRV and GDP accountants fail to compute.
             return float("inf")
-        from opacus.accountants import PRVAccountant, RDPAccountant
-
-        # A private copy of the accountant at the audited step: the training thread keeps appending to its own.
-        snapshot = type(accountant)()
-        snapshot.history = history
         try:
-            if isinstance(snapshot, PRVAccountant):
-                try:
-                    check_prv_grid(history, delta_error=self.delta / 1000)  # get_epsilon's default delta_error
-                except PRVGridTooLarge as exc:
-                    # Building that grid would take the memory training runs in; RDP's epsilon is a valid bound.
-                    notes.append(f"epsilon from the RDP accountant: {exc}")
-                    snapshot = RDPAccountant()
-                    snapshot.history = history
-            return float(snapshot.get_epsilon(self.delta))
-        except Exception as exc:  # e.g. the PRV accountant's discretisation at tiny noise multipliers
+            # The audited step's history, copied: the training thread keeps appending to the accountant's own. A PRV
+            # grid too large for memory (small sigma) gives way to RDP's epsilon, noted in the record.
+            epsilon, note = history_epsilon(history, delta=self.delta, accountant=type(accountant))
+        except Exception as exc:
             notes.append(f"epsilon unavailable: {exc}")
             return None
+        if note is not None:
+            notes.append(note)
+        return epsilon
 
     def _log(self, record: AuditRecord, *, rows: list[torch.Tensor] | None) -> None:
         step = record.step

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from opacus_dmaudit.metrics import ImageMetrics
     from opacus_dmaudit.prior import DiffusionPrior
 
-__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "schedule_epsilon", "noise_multiplier_for_epsilon", "mu_gdp",
+__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "history_epsilon", "schedule_epsilon", "noise_multiplier_for_epsilon",
+           "mu_gdp",
            "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS", "prv_grid_points",
            "check_prv_grid", "PRVGridTooLarge"]
 
@@ -191,20 +192,52 @@ def _rero_bound_from_rdp(*, noise_multiplier: float, sample_rate: float, steps: 
     return float(max(kappa, best))
 
 
+def history_epsilon(history: list[tuple[float, float, int]], *, delta: float,
+                    accountant: type | None = None) -> tuple[float, str | None]:
+    """Epsilon at ``delta`` of an accountant ``history`` (``(sigma, q, steps)`` triples), and a note where the answer
+    came from another accountant than the one asked.
+
+    A PRV accountant answers where its grid fits under :data:`PRV_MAX_GRID_POINTS` and its discretisation succeeds;
+    elsewhere RDP's epsilon, an upper bound on the same mechanism's, answers, and the note says why.
+
+    Args:
+        history: the mechanisms composed, as Opacus's accountants keep them.
+        delta: the delta of the epsilon.
+        accountant: the Opacus accountant class to ask (default ``PRVAccountant``); a fresh one gets the history.
+
+    Raises:
+        Whatever the accountant raises, for any accountant but PRV.
+    """
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    def epsilon(cls: type) -> float:
+        answering = cls()
+        answering.history = list(history)
+        return float(answering.get_epsilon(delta))
+
+    accountant = accountant or PRVAccountant
+    if not issubclass(accountant, PRVAccountant):
+        return epsilon(accountant), None
+    try:
+        check_prv_grid(history, delta_error=delta / 1000)  # PRVAccountant.get_epsilon's default delta_error
+        return epsilon(accountant), None
+    except Exception as exc:  # the grid's size, or its discretisation at tiny noise multipliers
+        reason = str(exc) if isinstance(exc, PRVGridTooLarge) else f"the PRV accountant failed ({exc})"
+        return epsilon(RDPAccountant), f"epsilon from the RDP accountant: {reason}"
+
+
 def schedule_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> dict[str, float | None]:
     """Epsilon of the schedule from Opacus's RDP and PRV accountants (``None`` where one fails, and for PRV where its
     grid would exceed :data:`PRV_MAX_GRID_POINTS`)."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    history = [(noise_multiplier, sample_rate, steps)]
     result: dict[str, float | None] = {}
     for name, cls in (("rdp", RDPAccountant), ("prv", PRVAccountant)):
-        accountant = cls()
-        accountant.history = [(noise_multiplier, sample_rate, steps)]
         try:
-            if name == "prv":
-                check_prv_grid(accountant.history, delta_error=delta / 1000)  # get_epsilon's default delta_error
-            result[name] = float(accountant.get_epsilon(delta))
-        except Exception:  # PRV discretisation fails at tiny noise multipliers
+            eps, note = history_epsilon(history, delta=delta, accountant=cls)
+            result[name] = None if note is not None else eps  # PRV's own figure, or none
+        except Exception:
             result[name] = None
     return result
 
@@ -218,8 +251,7 @@ def noise_multiplier_for_epsilon(*, target_epsilon: float, delta: float, sample_
     where its grid fits and RDP's (an upper bound, so the noise multiplier found is never too small) elsewhere.
     """
     def epsilon(sigma: float) -> float:
-        eps = schedule_epsilon(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps, delta=delta)
-        return eps["prv"] if eps["prv"] is not None else eps["rdp"]
+        return history_epsilon([(sigma, sample_rate, steps)], delta=delta)[0]
 
     low, high = 0.0, 10.0
     eps_high = math.inf

@@ -1,10 +1,11 @@
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.gdp import compute_mu_poisson
 from opacus.accountants.utils import get_noise_multiplier
 
 from opacus_dmaudit import bounds
-from opacus_dmaudit.bounds import (PRV_MAX_GRID_POINTS, ScheduleBound, mu_gdp, noise_multiplier_for_epsilon,
+from opacus_dmaudit.bounds import (PRV_MAX_GRID_POINTS, ScheduleBound, history_epsilon, mu_gdp,
+                                   noise_multiplier_for_epsilon,
                                    prv_grid_points, rero_bound_dpsgd, rero_bound_gdp, schedule_epsilon)
 
 
@@ -83,3 +84,16 @@ def test_the_noise_multiplier_for_an_epsilon_is_opacus_s_where_the_prv_grid_fits
     assert max(prv_grids_built) <= 100_000
     reached = schedule_epsilon(noise_multiplier=sigma, sample_rate=0.25, steps=100, delta=1e-5)
     assert (reached["prv"] or reached["rdp"]) <= 2000.0
+
+
+def test_a_history_s_epsilon_is_its_accountant_s_and_rdp_s_where_the_prv_grid_would_not_fit(prv_grids_built):
+    history = [(1.0, 0.01, 100), (0.8, 0.02, 50)]  # a noise schedule: two mechanisms composed
+    for cls in (RDPAccountant, PRVAccountant, GaussianAccountant):
+        own = cls()
+        own.history = list(history)
+        assert history_epsilon(history, delta=1e-5, accountant=cls) == (own.get_epsilon(1e-5), None)
+    rdp = RDPAccountant()
+    rdp.history = [(0.1, 64 / 60000, 9375)]
+    epsilon, note = history_epsilon(rdp.history, delta=1e-5)  # 7.7e8 grid points: never built
+    assert epsilon == rdp.get_epsilon(1e-5) and "RDP" in note and "7.32e+08 points" in note
+    assert max(prv_grids_built) <= PRV_MAX_GRID_POINTS
