@@ -65,17 +65,30 @@ PIXEL_RANGE_SLACK = 0.01
 # Calibrated on the same distribution, about one image in a thousand falls outside the bins (their outer edges
 # leave a margin); a quarter says the model's inputs are not what the calibration sampled.
 OUTSIDE_BINS_LIMIT = 0.25
+# Inline bins are set before training: warn when a batch would leave fewer than this share of min(batch, bins) images
+# alone in their bins (64 bins, batch 256: 4.7 images expected, 7%; batch 512: 0.2).
+INLINE_ISOLATION_WARNING = 0.10
+
+
+def expected_isolated(batch_size: int, bins: int) -> float:
+    """Expected images alone in their bin when ``batch_size`` images fall into ``bins`` equally likely bins (the
+    bins are calibrated at the measurement's quantiles)."""
+    return batch_size * (1.0 - 1.0 / bins) ** (batch_size - 1) if bins > 1 else float(batch_size == 1)
 
 
 @dataclass
 class AuditRecord:
     """One audit step, as written to ``audits.jsonl`` (where non-finite numbers, such as the infinite ``epsilon`` of a
-    run without noise, are written as null)."""
+    run without noise, are written as null).
+
+    ``batch_size`` is the audited batch's size, ``attacked`` how many of its images the imprint attacked (the whole
+    batch inline; at most ``bins`` in shadow mode), ``recovered`` how many of those were alone in their bin."""
 
     step: int
     mode: str
     scale: str
     batch_size: int
+    attacked: int
     recovered: int
     collisions: int
     noise_multiplier: float
@@ -97,7 +110,7 @@ class AuditRecord:
 
     def summary(self) -> str:
         if not self.recovered:
-            return f"step {self.step}: no singly-occupied bins (batch {self.batch_size})"
+            return f"step {self.step}: no singly-occupied bins ({self.attacked} images of batch {self.batch_size})"
         eps = "n/a" if self.epsilon is None else f"{self.epsilon:.3g}"
         r, n = self.reconstructed, self.noisy
         line = (f"step {self.step}: eps={eps} | {self.recovered} images, noise std {self.noise_std_median:.3g}, "
@@ -195,7 +208,11 @@ class DMAuditor:
             logs is appended to, with a warning (TensorBoard draws both runs as one).
         every: audit every ``every``-th optimizer step.
         mode: "shadow" or "inline" (see the module docstring).
-        bins: number of imprint bins.
+        bins: number of imprint bins; only an image alone in its bin is recovered. In shadow mode also the most
+            images of each audited batch that the imprint attacks (the first ``bins``; about 37% of them are alone),
+            so that a batch of any size gives an audit of the same size. Inline mode attacks the whole batch in its
+            bins, and warns at ``make_private`` when they are too few for the batch (each bin adds ``C*H*W``
+            parameters to your step's per-sample gradients).
         imprint: bin structure, "sparse" or "cumulative".
         measurement: the imprint's measurement ("brightness", "random", "dct" or a tensor).
         gain: the imprint's gradient gain (default: 1e6 in shadow mode, 1e3 inline).
@@ -523,6 +540,7 @@ class DMAuditor:
             # together. Lower-precision models keep float32 rows (see ImprintBlock.activations).
             block.imprint.double()
         self.block = block.calibrate(sample).to(device)
+        self._check_isolation(getattr(data_loader, "batch_size", None), pixels=sample[0].numel())
         if self._distributed_inline:
             # Each rank sampled its own dataset (random augmentations differ by rank), but rank 0 matches the
             # all-reduced imprint gradients to the gathered batch by its own bins: every rank takes rank 0's.
@@ -531,6 +549,20 @@ class DMAuditor:
             self.block.set_edges(edges)
         optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
         return ImprintedModel(module, self.block)
+
+    def _check_isolation(self, batch_size: int | None, *, pixels: int) -> None:
+        """Inline: warn when the bins are too few for the batch to leave images alone in them (only those are
+        recovered); unlike shadow mode, inline mode attacks every image of the real batch."""
+        if not batch_size:
+            return
+        expected = expected_isolated(batch_size, self.bins)
+        if expected >= INLINE_ISOLATION_WARNING * min(batch_size, self.bins):
+            return
+        self._warn_once("few isolated", f"mode='inline' with {self.bins} bins and batches of {batch_size}: about "
+                        f"{expected:.2g} images per audited step will be alone in their bin, and only those are "
+                        f"recovered: pass bins={batch_size} or more (each bin adds {pixels} parameters, one per "
+                        "input value, to the per-sample gradients of your step), or use mode='shadow', which attacks "
+                        f"{self.bins} images of any batch")
 
     def attach(self, model: nn.Module, optimizer, *, data_loader=None) -> "DMAuditor":
         """Attach to a model and DP optimizer that are already private (``make_private`` does this for you).
@@ -765,13 +797,13 @@ class DMAuditor:
             except Exception:
                 self._failed()
 
-    def _shadow_step(self, job: _Job) -> tuple[CapturedGradients, ImprintBlock]:
-        """One DP-SGD step of the auditor's own imprint model on the batch, through Opacus."""
+    def _shadow_step(self, job: _Job, attacked: torch.Tensor) -> tuple[CapturedGradients, ImprintBlock]:
+        """One DP-SGD step of the auditor's own imprint model on the attacked images, through Opacus."""
         if self._shadow is None:
             self._shadow = self._shadow_imprint(job)
             self.block = self._shadow.block
         # The user's run may change these (e.g. a noise schedule); follow it.
-        captured = self._shadow.step(job.batch, noise_multiplier=job.noise_multiplier,
+        captured = self._shadow.step(attacked, noise_multiplier=job.noise_multiplier,
                                      max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size)
         return captured, self._shadow.block
 
@@ -858,15 +890,22 @@ class DMAuditor:
             return record
 
         if job.batch.shape[0] == 0:  # an empty Poisson batch
+            base["attacked"] = 0
             return nothing_recovered(0)
         if self.mode == "shadow":
-            captured, block = self._shadow_step(job)
+            # An isolated image's noise depends on its own clip factor alone, not on the batch's size, so the shadow
+            # imprint attacks the first `bins` images (the most images `bins` bins isolate, about 37%): what an
+            # attacker with bins enough for the whole batch sees of them. All of a batch of 512 in 64 bins left no
+            # image alone (Opacus's CIFAR-10 tutorial trains at 512), at eight times the per-sample gradients.
+            attacked = job.batch[: self.bins]
+            captured, block = self._shadow_step(job, attacked)
         else:
             # Never None here: _enqueue queues no inline audit whose capture failed.
-            captured, block = job.captured, self._block_copy
+            attacked, captured, block = job.batch, job.captured, self._block_copy
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
-        outside = outside_bins(block, job.batch)
+        base["attacked"] = int(attacked.shape[0])
+        outside = outside_bins(block, attacked)
         if outside > OUTSIDE_BINS_LIMIT:
             note = (f"{outside:.0%} of the audited batch lies outside the imprint's bins: those images share the "
                     "outer bins and are not recovered, so the audit shows fewer than the attacker could; the bins "
@@ -874,7 +913,7 @@ class DMAuditor:
                     "sees them)")
             notes.append(note)
             self._warn_once("outside bins", note)
-        recovered = recover_images(captured, block, scale=self.scale, originals=job.batch,
+        recovered = recover_images(captured, block, scale=self.scale, originals=attacked,
                                    input_mean=self.input_mean, input_std=self.input_std)
         base["collisions"] = int(len(recovered.collisions))
         if len(recovered) == 0:
@@ -882,7 +921,7 @@ class DMAuditor:
         keep = slice(None) if self.max_reconstructions is None else slice(0, self.max_reconstructions)
         noisy = recovered.images[keep]
         noise_std = estimate_noise_std(noisy) if self.estimate_noise else recovered.noise_std[keep]
-        originals = job.batch[recovered.sample_index[keep]].float()
+        originals = attacked[recovered.sample_index[keep]].float()
         if self.input_mean is not None or self.input_std is not None:
             originals = denormalize(originals, mean=0.0 if self.input_mean is None else self.input_mean,
                                     std=1.0 if self.input_std is None else self.input_std)

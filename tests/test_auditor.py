@@ -354,6 +354,26 @@ def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_
     assert auditor.records[-1].noise_std_median == pytest.approx(floor, rel=0.25)
 
 
+def test_a_batch_larger_than_the_bins_is_attacked_in_as_many_images_as_there_are_bins(tmp_path, fashion_images,
+                                                                                      tiny_prior_dir, caplog):
+    # 256 images in 32 bins would leave about 0.08 alone (a batch of 512 in the default 64 bins: 0.2); shadow mode
+    # attacks the first 32, of which about 37% are alone in their bin.
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        _, auditor, _ = train(fashion_images, batch=256, steps=10,
+                              auditor_kwargs=audit_kwargs(tmp_path / "shadow", tiny_prior_dir, bins=32))
+    records = auditor.records
+    assert len(records) == 2 and all(r.batch_size == 256 and r.attacked == 32 for r in records)
+    assert all(r.recovered >= 4 and r.recovered + 2 * r.collisions <= 32 for r in records)
+    assert "alone in their bin" not in caplog.text
+    # Inline mode attacks the real batch in the bins it was given: it says at make_private how few that isolates.
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        _, auditor, _ = train(fashion_images, batch=256, steps=5,
+                              auditor_kwargs=audit_kwargs(tmp_path / "inline", tiny_prior_dir, bins=32, mode="inline"))
+    assert caplog.text.count("about 0.078 images per audited step will be alone in their bin") == 1
+    assert "pass bins=256 or more (each bin adds 784 parameters" in caplog.text
+    assert auditor.records[0].attacked == 256 and auditor.records[0].recovered <= 2
+
+
 def test_empty_poisson_batches_and_batch_memory_manager(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images[:64], batch=2, poisson=True, steps=20,
                           auditor_kwargs=audit_kwargs(tmp_path / "p", tiny_prior_dir))
