@@ -1040,8 +1040,24 @@ class DMAuditor:
         if rows is not None:
             self.writer.grid("audit/" + ("original_noisy_reconstructed" if self.log_originals
                                          else "noisy_reconstructed"), rows, step=step)
+        # Beside the grid in TensorBoard: what its rows are, and the notes that would otherwise sit in audits.jsonl
+        # alone (wrong pixel units, lost colour, epsilon from another accountant).
+        self.writer.text("audit/summary", self._summary_markdown(record, grid=rows is not None), step=step)
         self.writer.record(asdict(record))
         self.writer.flush()
+
+    def _summary_markdown(self, record: AuditRecord, *, grid: bool) -> str:
+        lines = [f"`{record.summary()}`", ""]
+        if grid:
+            rows = ["recovered from the noised DP-SGD gradient", f"reconstructed by the prior ({self.sampler}, "
+                    f"{self.steps} steps)" if self.sampler == "ddim" else "reconstructed by the prior (ddpm)"]
+            if self.log_originals:
+                rows.insert(0, "the training images")
+            lines += [f"Grid rows, top to bottom: {'; '.join(rows)} (the first {self.max_images} of "
+                      f"{record.recovered} recovered, of {record.attacked} attacked in a batch of "
+                      f"{record.batch_size}).", ""]
+        lines += [f"- {note}" for note in record.notes]
+        return "\n".join(lines).strip()
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:

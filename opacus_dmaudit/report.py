@@ -143,6 +143,9 @@ class AuditLogWriter:
         rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
         self.writer.add_text("audit/config", "| setting | value |\n|---|---|\n" + rows, global_step=0)
 
+    def text(self, tag: str, markdown: str, *, step: int) -> None:
+        self.writer.add_text(tag, markdown, global_step=step)
+
     def grid(self, tag: str, rows: Sequence[torch.Tensor], *, step: int) -> None:
         self.writer.add_image(tag, image_grid(rows), global_step=step)
 

@@ -128,6 +128,11 @@ def test_event_files_hold_grids_scalars_and_the_accountants_epsilon(tmp_path, fa
     events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Images("audit/original_noisy_reconstructed")] == [5, 10, 15, 20]
+    summaries = events.Tensors("audit/summary/text_summary")
+    assert [e.step for e in summaries] == [5, 10, 15, 20]
+    text = summaries[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith(f"`{auditor.records[-1].summary()}`")
+    assert "Grid rows, top to bottom: the training images; recovered from the noised DP-SGD gradient" in text
     scalars = set(events.Tags()["scalars"])
     for tag in ("noisy/psnr", "noisy/ssim", "noisy/mse", "reconstructed/psnr", "reconstructed/ssim",
                 "reconstructed/mse", "success_rate/ssim@0.5", "audit/noise_std_median", "audit/t_start_median",
@@ -821,6 +826,11 @@ def test_colour_images_with_a_gray_prior_are_audited_and_the_lost_colour_is_name
     assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)  # colour recovered exactly
     assert all(any("lose colour" in note for note in r.notes) for r in auditor.records)
     assert caplog.text.count("lose colour") == 1
+    # Each audit's notes are in TensorBoard beside its grid, not only in audits.jsonl.
+    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("audit/summary/text_summary")]
+    assert len(texts) == 2 and all("\n- reconstructions lose colour" in text for text in texts)
 
 
 def test_each_run_logs_to_a_new_folder_unless_told_otherwise(tmp_path, tiny_prior_dir, monkeypatch, caplog):
