@@ -84,9 +84,9 @@ def image_grid(rows: Sequence[torch.Tensor], *, padding: int = 2) -> torch.Tenso
     """Stack image sets as rows of one grid: ``rows[i]`` is ``N×C×H×W`` in ``[0, 1]``; returns ``3×H'×W'``."""
     from torchvision.utils import make_grid
 
-    if not rows:
-        raise ValueError("image_grid needs at least one row")
-    width = max(r.shape[0] for r in rows)
+    width = max((r.shape[0] for r in rows), default=0)
+    if width == 0:
+        raise ValueError("image_grid needs at least one image")
     tiles = []
     for row in rows:
         row = row.detach().float().cpu().clamp(0, 1)

@@ -39,7 +39,9 @@ __all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_ka
 @dataclass
 class SweepConfig:
     """The sweep's settings. ``sample_rate``, ``epochs`` and ``delta`` describe the user's training schedule (for
-    epsilon and the bounds); ``batch_size``, ``max_grad_norm`` and ``bins`` the attacked DP-SGD steps.
+    epsilon and the bounds); ``batch_size``, ``max_grad_norm`` and ``bins`` the attacked DP-SGD steps, each of which
+    attacks at most ``bins`` images (as DMAuditor's shadow mode does: the rest of a larger batch would only share
+    bins).
 
     Attributes:
         noise_multipliers: the sigmas to sweep (or give ``target_epsilons``).
@@ -146,8 +148,12 @@ def _attack(images: torch.Tensor, sigma: float, index: int, config: SweepConfig)
                            max_grad_norm=config.max_grad_norm, expected_batch_size=config.batch_size,
                            seed=config.seed * 1000 + index)
     noisy, variances, owners = [], [], []
-    for begin in range(0, images.shape[0], config.batch_size):
-        batch = images[begin : begin + config.batch_size]
+    # As the auditor's shadow mode, each step attacks at most `bins` images: an isolated image's noise depends on its
+    # own clip factor, not on the batch's size, and a batch far larger than the bins leaves hardly any image alone
+    # (512 in 128 bins: 9 expected; 128 in 128: 47).
+    attacked = min(config.batch_size, config.bins)
+    for begin in range(0, images.shape[0], attacked):
+        batch = images[begin : begin + attacked]
         total, variance, seen = None, None, None
         for _ in range(config.links):
             recovered = recover_images(shadow.step(batch), shadow.block, scale=config.scale, originals=batch)
@@ -196,17 +202,20 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
         rero_bound_attack={key: rero_bound_gdp(mu_gdp(sigma, config.links), k) for key, k in kappa.items()},
         seconds=round(time.perf_counter() - started, 3),
     )
-    grid = image_grid([originals[:16], noisy[:16].clamp(0, 1), output.images[:16]])
+    # No grid for a sigma whose attack left no image alone in its bin (its entry says n_images 0).
+    grid = image_grid([originals[:16], noisy[:16].clamp(0, 1), output.images[:16]]) if noisy.shape[0] else None
     return entry, grid
 
 
 def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | None = None) -> dict:
     key = f"{config.success_metric}@{config.success_eta:g}"
     safe = [e for e in sorted(entries, key=lambda e: e.noise_multiplier) if e.success.get(key, 1.0) <= config.target_success]
+    unscored = [e.noise_multiplier for e in entries if e.n_images == 0]
     if not safe:
         recommendation = {"noise_multiplier": None, "criterion": key, "target_success": config.target_success,
-                          "message": f"no swept noise multiplier keeps the {key} success rate at or below "
-                                     f"{config.target_success:g}: sweep larger ones"}
+                          "message": "no recommendation" if len(unscored) == len(entries) else
+                          f"no swept noise multiplier keeps the {key} success rate at or below "
+                          f"{config.target_success:g}: sweep larger ones"}
     else:
         best = safe[0]
         recommendation = {
@@ -216,6 +225,12 @@ def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | 
                        f"{best.success.get(key, 0):.3f} <= {config.target_success:g}, epsilon "
                        f"{best.epsilon if best.epsilon is not None else float('nan'):.3g} at delta {config.delta:g} "
                        f"for your schedule (q = {config.sample_rate:g}, {config.epochs:g} epochs)"}
+    if unscored:
+        # Their success rate is not 0 but unknown: no recommendation may rest on them, and the user must know why.
+        recommendation["unscored"] = unscored
+        recommendation["message"] += (f"; no image was recovered at noise multiplier "
+                                      f"{', '.join(f'{s:g}' for s in unscored)} (no bin held a single image), so it "
+                                      "has no success rate: give more images or more bins")
     if caveat:
         # Capped scores make the attack look weaker than one with a matching prior: the recommended noise
         # multiplier may be too small, so the recommendation must not travel without this.
@@ -269,7 +284,8 @@ def run_sweep(images: torch.Tensor, prior: DiffusionPrior, *, config: SweepConfi
     _, adaptation = adapt_to_prior(images[:1], resolution=prior.resolution, channels=prior.channels)
     recommendation = _recommend(entries, config, caveat=adaptation.loss_note())
     result = SweepResult(entries=entries, recommendation=recommendation, config=asdict(config),
-                         prior=prior.name, grids={entry.noise_multiplier: grid for _, entry, grid in mine})
+                         prior=prior.name,
+                         grids={entry.noise_multiplier: grid for _, entry, grid in mine if grid is not None})
     if out_dir is not None and rank == 0:
         write_sweep(result, out_dir)
     return result

@@ -43,6 +43,26 @@ def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_imag
     assert result.recommendation["criterion"] == "ssim@0.5"
 
 
+def test_a_batch_larger_than_the_bins_is_attacked_in_steps_of_as_many_images_as_bins(fashion_images, tiny_prior_dir):
+    # 64 images in one step of 16 bins would leave about one alone; four steps of 16 leave about 6 each.
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    config = SweepConfig(noise_multipliers=(1.0,), batch_size=256, bins=16, steps=1, kappa_samples=1)
+    entry, = run_sweep(fashion_images[:64], prior, config=config).entries
+    assert entry.n_images >= 12
+
+
+def test_a_noise_multiplier_that_recovers_no_image_is_named_and_written_without_a_grid(tmp_path, tiny_prior_dir):
+    # Images of one brightness all share one bin: nothing is recovered, and there is no success rate to go by.
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    config = SweepConfig(noise_multipliers=(1.0,), batch_size=8, bins=4, steps=1, kappa_samples=1)
+    result = run_sweep(torch.full((8, 1, 28, 28), 0.5), prior, config=config, out_dir=tmp_path)
+    assert result.entries[0].n_images == 0 and result.recommendation["unscored"] == [1.0]
+    assert result.recommendation["message"] == ("no recommendation; no image was recovered at noise multiplier 1 (no "
+                                                "bin held a single image), so it has no success rate: give more "
+                                                "images or more bins")
+    assert (tmp_path / "sweep.json").is_file() and not list(tmp_path.glob("grid_sigma_*.png"))
+
+
 def test_a_prior_that_loses_colour_puts_a_caveat_on_the_recommendation(fashion_images, tiny_prior_dir):
     # Gray reconstructions of colour images score low whatever the noise, so the attack looks weaker than one with a
     # matching prior and the recommended noise multiplier may be too small: the recommendation must say so.
