@@ -360,6 +360,7 @@ class DMAuditor:
                                "runs apart", self.log_dir)
         self.records: list[AuditRecord] = []
         self.dropped = 0
+        self._dropped_busy = 0  # of those, dropped at a full queue while training ran (the rest at close)
         self.errors = 0
         self._hook_seconds = 0.0  # training-thread time in the auditor's own hooks (the capture counts its own)
         self.block: ImprintBlock | None = None
@@ -710,7 +711,13 @@ class DMAuditor:
             self._queue.put_nowait(job)
         except queue.Full:
             self.dropped += 1
-            logger.warning("opacus_dmaudit: audit of step %d dropped (the auditor is still busy)", step)
+            self._dropped_busy += 1
+            # Once, not per step: at every=1 a busy worker would otherwise log a line for every training step.
+            self._warn_once("dropped", f"audit of step {step} dropped: the auditor is still busy with earlier audits "
+                            f"({self._queue.maxsize} waiting). Audits take longer than every={self.every} training "
+                            "steps: pass a larger every, fewer sampler steps or a smaller max_reconstructions (or a "
+                            "larger queue_size); further drops are counted in auditor.dropped and summed up at "
+                            "close()")
 
     # ------------------------------------------------------------------ worker thread
     @property
@@ -1093,6 +1100,9 @@ class DMAuditor:
                 self._drop_queued()
             self._queue.put(None)
             self._worker.join()
+            if self._dropped_busy > 1:
+                logger.warning("opacus_dmaudit: %d of %d due audits were dropped while the auditor was busy",
+                               self._dropped_busy, self._steps // self.every)
         for handle in self._handles:
             handle.remove()
         self._release_engine()

@@ -643,6 +643,22 @@ def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_ima
         assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
 
 
+def test_audits_dropped_while_the_auditor_is_busy_are_warned_once_and_summed_up_at_close(
+        tmp_path, fashion_images, tiny_prior_dir, caplog):
+    slow = lambda record: time.sleep(0.5)  # noqa: E731
+    model, optimizer, loader, auditor = private_run(
+        fashion_images, batch=8, sigma=1.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=1, batch_audits=1, queue_size=1, on_audit=slow))
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"), auditor:
+        for x, y in loader:  # 32 steps, an audit due at each
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    assert auditor.dropped >= 20 and len(auditor.records) + auditor.dropped == 32
+    assert caplog.text.count("dropped: the auditor is still busy") == 1 and "pass a larger every" in caplog.text
+    assert f"{auditor.dropped} of 32 due audits were dropped while the auditor was busy" in caplog.text
+
+
 def test_leaving_the_with_block_on_an_exception_drops_queued_audits_instead_of_running_them(
         tmp_path, fashion_images, tiny_prior_dir):
     slow = lambda record: time.sleep(1.0)  # noqa: E731  (an audit that takes a while, as on a CPU)
