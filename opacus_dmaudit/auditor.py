@@ -1057,12 +1057,12 @@ class DMAuditor:
     def _summary_markdown(self, record: AuditRecord, *, grid: bool) -> str:
         lines = [f"`{record.summary()}`", ""]
         if grid:
-            rows = ["recovered from the noised DP-SGD gradient", f"reconstructed by the prior ({self.sampler}, "
-                    f"{self.steps} steps)" if self.sampler == "ddim" else "reconstructed by the prior (ddpm)"]
+            sampler = f"ddim, {self.steps} steps" if self.sampler == "ddim" else "ddpm"
+            rows = ["recovered from the noised DP-SGD gradient", f"reconstructed by the prior ({sampler})"]
             if self.log_originals:
                 rows.insert(0, "the training images")
-            lines += [f"Grid rows, top to bottom: {'; '.join(rows)} (the first {self.max_images} of "
-                      f"{record.recovered} recovered, of {record.attacked} attacked in a batch of "
+            lines += [f"Grid rows, top to bottom: {'; '.join(rows)} ({min(self.max_images, record.recovered)} of the "
+                      f"{record.recovered} reconstructed, of {record.attacked} attacked in a batch of "
                       f"{record.batch_size}).", ""]
         lines += [f"- {note}" for note in record.notes]
         return "\n".join(lines).strip()

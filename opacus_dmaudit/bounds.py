@@ -33,9 +33,8 @@ if TYPE_CHECKING:
     from opacus_dmaudit.prior import DiffusionPrior
 
 __all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "history_epsilon", "schedule_epsilon", "noise_multiplier_for_epsilon",
-           "mu_gdp",
-           "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS", "prv_grid_points",
-           "check_prv_grid", "PRVGridTooLarge"]
+           "mu_gdp", "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS", "prv_grid_points", "check_prv_grid",
+           "PRVGridTooLarge"]
 
 # Opacus's PRV accountant discretises the composed privacy loss on a grid that grows without bound as the noise
 # multiplier shrinks: 7.7e8 points at sigma 0.1, q = 64/60000 over 9,375 steps. Linux lets numpy reserve that much
