@@ -897,22 +897,21 @@ class DMAuditor:
             self._log(record, rows=None)
             return record
 
-        if job.batch.shape[0] == 0:  # an empty Poisson batch
-            base["attacked"] = 0
+        # An isolated image's noise depends on its own clip factor alone, not on the batch's size, so the shadow
+        # imprint attacks the first `bins` images (the most images `bins` bins isolate, about 37%): what an attacker
+        # with bins enough for the whole batch sees of them. All of a batch of 512 in 64 bins left no image alone
+        # (Opacus's CIFAR-10 tutorial trains at 512), at eight times the per-sample gradients.
+        attacked = job.batch[: self.bins] if self.mode == "shadow" else job.batch
+        base["attacked"] = int(attacked.shape[0])
+        if attacked.shape[0] == 0:  # an empty Poisson batch
             return nothing_recovered(0)
         if self.mode == "shadow":
-            # An isolated image's noise depends on its own clip factor alone, not on the batch's size, so the shadow
-            # imprint attacks the first `bins` images (the most images `bins` bins isolate, about 37%): what an
-            # attacker with bins enough for the whole batch sees of them. All of a batch of 512 in 64 bins left no
-            # image alone (Opacus's CIFAR-10 tutorial trains at 512), at eight times the per-sample gradients.
-            attacked = job.batch[: self.bins]
             captured, block = self._shadow_step(job, attacked)
         else:
             # Never None here: _enqueue queues no inline audit whose capture failed.
-            attacked, captured, block = job.batch, job.captured, self._block_copy
+            captured, block = job.captured, self._block_copy
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
-        base["attacked"] = int(attacked.shape[0])
         outside = outside_bins(block, attacked)
         if outside > OUTSIDE_BINS_LIMIT:
             note = (f"{outside:.0%} of the audited batch lies outside the imprint's bins: those images share the "
