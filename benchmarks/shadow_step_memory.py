@@ -60,10 +60,8 @@ def main() -> None:
 
     rows = {}
     for variant in ("unbounded", "budget"):
-        command = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-        if "--json" in command:
-            at = command.index("--json")
-            del command[at:at + 2]
+        command = [sys.executable, __file__, "--variant", variant,
+                   *(f"--{name}={value}" for name, value in shape.items())]
         rows[variant] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     per_sample_gib = args.bins * args.channels * args.size ** 2 * 4 / 2**30
     print(f"shadow step, batch {args.batch} of {args.channels}x{args.size}x{args.size}, {args.bins} bins "
