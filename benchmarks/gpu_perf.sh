@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU turn of issue 6 (performance) as ONE device call, sized to leave room in the 15-minute lease for a rerun:
 #   run(command="bash benchmarks/gpu_perf.sh", carry=[".whl", ".gpu"], timeout_s=570)
-# with .whl (opacus, diffusers and their missing deps) and .gpu/fashion-mnist carried. The parts run in the order
+# with .whl (opacus, diffusers, lpips) and .gpu/fashion-mnist carried: `python3 benchmarks/prepare_gpu_carry.py`
+# fills both here and checks them (dependencies against the image, size against the limit). The parts run in the order
 # the issue's goals need them, each under its own cap (seconds, 530 in all); every benchmark rewrites its JSON after
 # each row, so a part cut short keeps what it finished. Throughput runs first and compiles the batch-256 shape, so
 # end to end compiles from inductor's on-disk cache. The goals table (benchmarks/goals.py) prints last.
@@ -17,7 +18,8 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 exec > >(tee "$OUT/log.txt") 2>&1
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-python3 -c "import torch, diffusers, opacus; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+# A carry that does not import stops the turn here, in seconds, rather than failing every part in turn.
+python3 -c "import torch, diffusers, opacus; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 1
 if [ "${DRY_RUN:-0}" = 1 ]; then  # CPU sizes: seconds per part, same scripts and flags
   ARCH=fashion-32; TP=(--batch 4 --steps 2 --variants "fp32 eager"); E2E=(--images 4 --batch 4 --samplers ddim-50)
   OH=(--steps 12 --every 5 --width 8 --batch 32 --sampler-steps 2 --max-reconstructions 4); CH=(--batch 1 --steps 1)

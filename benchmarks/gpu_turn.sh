@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU turn: train the shipped Fashion-MNIST prior, measure it against the reference prior, time reconstruction.
 # Run from the repo root on the device machine with .whl (diffusers and its missing deps) and .gpu (Fashion-MNIST
-# IDX files, reference prior) carried. TRAIN_MINUTES / EVAL_LIMIT scale it down for a local dry run.
+# IDX files, reference prior) carried: `python3 benchmarks/prepare_gpu_carry.py --reference-prior ../shared/reference-prior/<name>`
+# fills both. TRAIN_MINUTES / EVAL_LIMIT scale it down for a local dry run.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 TRAIN_MINUTES=${TRAIN_MINUTES:-5.5}; EVAL_LIMIT=${EVAL_LIMIT:-1000}; MODEL_SIZE=${MODEL_SIZE:-small}
@@ -12,7 +13,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 OPACUS_DMAUDIT_FASHION_MNIST=$PWD/.gpu/fashion-mnist
 exec > >(tee "$OUT/log.txt") 2>&1
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 1
 PRIOR=/tmp/prior-out/fashion-mnist-32; rm -rf /tmp/prior-out
 python3 -m opacus_dmaudit train-prior --images fashion-mnist:train --out "$PRIOR" --model-size "$MODEL_SIZE" \
   --minutes "$TRAIN_MINUTES" --batch-size 256 --learning-rate 3e-4 --warmup-steps 500 --ema-decay 0.9995 \
