@@ -24,4 +24,5 @@ benchmark: install
 	$(PYTHON) benchmarks/end_to_end_audit.py --json $(RESULTS)/end-to-end.json
 	$(PYTHON) benchmarks/speed_quality.py --json $(RESULTS)/speed-quality.json
 	$(PYTHON) benchmarks/auditor_overhead.py --steps 30 --json $(RESULTS)/auditor-overhead.json
-	$(PYTHON) benchmarks/shadow_step_memory.py --batch 32 --size 256 --json $(RESULTS)/shadow-step-memory-256.json
+	$(PYTHON) benchmarks/shadow_step.py --batch 64 --size 28 --channels 1 --repeats 20 --json $(RESULTS)/shadow-step-28.json
+	$(PYTHON) benchmarks/shadow_step.py --batch 64 --size 256 --json $(RESULTS)/shadow-step-256.json

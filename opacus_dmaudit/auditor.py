@@ -4,8 +4,9 @@ Two modes:
 
 * ``"shadow"`` (default): training is untouched. The auditor copies each audited step's batch (a forward pre-hook)
   and runs its first ``bins`` images, off the training thread, through its own imprint model with Opacus's own
-  machinery: a ``GradSampleModule`` and a ``DPOptimizer`` with the training run's noise multiplier, clipping norm,
-  expected batch size and loss reduction, and the auditor's own noise generator. The imprint model gives each
+  machinery (its ghost clipping: ``GradSampleModuleFastGradientClipping`` and ``DPOptimizerFastGradientClipping``,
+  which release what its per-sample path does without holding a gradient per sample) with the training run's noise
+  multiplier, clipping norm, expected batch size and loss reduction, and the auditor's own noise generator. The imprint model gives each
   sample's whole clipping budget to its imprint row, so the noise is at the floor DP allows: this is what an attacker
   who chooses the architecture sees at this noise multiplier. An isolated image's noise does not depend on how many
   others share the step, so those images stand for the whole batch.

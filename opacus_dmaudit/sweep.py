@@ -1,7 +1,7 @@
 """Choosing a noise multiplier: a sweep of the imprint attack through real Opacus DP-SGD steps, per sigma.
 
 For each noise multiplier: the images go, batch by batch, through real DP-SGD steps of the shadow imprint model
-(:mod:`opacus_dmaudit.shadow`: Opacus ``GradSampleModule`` + ``DPOptimizer`` with sigma, C and the batch size);
+(:mod:`opacus_dmaudit.shadow`: Opacus's ghost-clipping DP-SGD with sigma, C and the batch size);
 one noisy image per singly-occupied bin is recovered, optionally averaged over ``links`` steps (an attacker who links
 a sample across steps), reconstructed with the prior, and scored. Next to it: the empirical success rate per metric
 and threshold eta, the prior's baseline kappa (how often a draw from the prior alone is within eta of a target), the

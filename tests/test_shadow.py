@@ -1,49 +1,90 @@
-"""The shadow imprint's DP-SGD step: real Opacus, its per-sample gradients held to a memory budget."""
+"""The shadow imprint's DP-SGD step: real Opacus with ghost clipping, against Opacus's per-sample-gradient step."""
+
+import math
 
 import pytest
 import torch
+import torch.nn as nn
 
+from opacus_dmaudit.capture import GradientCapture
+from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.recovery import recover_images
-from opacus_dmaudit.shadow import ShadowImprint
+from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
 
 
-def _shadow(images, *, budget_samples=None, loss_reduction="mean"):
-    kwargs = {}
-    if budget_samples is not None:
-        per_sample = (64 * images[0].numel() + 64) * 4  # the imprint rows' weight and bias, float32
-        kwargs["grad_sample_budget"] = budget_samples * per_sample
-    return ShadowImprint(calibration=images, bins=64, noise_multiplier=0.7, max_grad_norm=1.0,
-                         expected_batch_size=len(images), loss_reduction=loss_reduction, seed=3, **kwargs)
+def _shadow(images, *, loss_reduction="mean", structure="sparse", grad_sample_mode="ghost"):
+    return ShadowImprint(calibration=images, bins=64, structure=structure, noise_multiplier=0.7, max_grad_norm=1.0,
+                         expected_batch_size=len(images), loss_reduction=loss_reduction, seed=3,
+                         grad_sample_mode=grad_sample_mode)
 
 
-@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
-def test_a_batch_stepped_in_physical_batches_releases_the_gradients_of_one_step(fashion_images, loss_reduction):
+def _per_sample_step(shadow: ShadowImprint, batch, *, loss_reduction, max_grad_norm=1.0):
+    """The same imprint model stepped by Opacus's standard path: each sample's gradient materialised, clipped,
+    summed, noised once by a generator seeded as the shadow's."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    block = ImprintBlock(image_shape=shadow.block.image_shape, bins=shadow.block.bins,
+                         structure=shadow.block.structure, measurement=shadow.block.measurement.clone(),
+                         gain=SHADOW_GAIN)
+    block.load_state_dict(shadow.block.state_dict())
+    readout = nn.Linear(math.prod(block.image_shape), 1, bias=False)
+    nn.init.ones_(readout.weight)
+    readout.requires_grad_(False)
+    model = GradSampleModule(nn.Sequential(block, nn.Flatten(), readout), loss_reduction=loss_reduction)
+    optimizer = DPOptimizer(torch.optim.SGD(block.parameters(), lr=0.0), noise_multiplier=0.7,
+                            max_grad_norm=max_grad_norm, expected_batch_size=len(batch),
+                            loss_reduction=loss_reduction, generator=torch.Generator().manual_seed(3))
+    capture = GradientCapture(optimizer, block.imprint)
+    out = model(batch)
+    (out.mean() if loss_reduction == "mean" else out.sum()).backward()
+    optimizer.step()
+    return capture.latest, block
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("loss_reduction, structure", [("mean", "sparse"), ("sum", "sparse"), ("mean", "cumulative")])
+def test_the_shadow_step_releases_what_opacus_per_sample_step_releases(fashion_images, loss_reduction, structure,
+                                                                       grad_sample_mode):
     batch = fashion_images[:23]
-    whole = _shadow(batch, loss_reduction=loss_reduction)
-    split = _shadow(batch, budget_samples=5, loss_reduction=loss_reduction)
-    sizes = []
-    split.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
-    assert whole.physical_batch_size >= 23 and split.physical_batch_size == 5
-    one, parts = whole.step(batch), split.step(batch)
-    assert sizes == [5, 5, 5, 5, 3]
-    assert split.capture.steps == 1  # one released step (the accountant's view), noise added once
+    shadow = _shadow(batch, loss_reduction=loss_reduction, structure=structure, grad_sample_mode=grad_sample_mode)
+    ghost = shadow.step(batch)
+    reference, block = _per_sample_step(shadow, batch, loss_reduction=loss_reduction)
+    assert shadow.capture.steps == 1  # one released step, noise added once
     for name in ("weight", "bias", "clean_weight", "clean_bias"):
-        expected, got = getattr(one, name), getattr(parts, name)
-        # The same noise draws (one generator, one real step); only the clipped sum's order of addition differs.
+        expected, got = getattr(reference, name), getattr(ghost, name)
+        # The same noise draws (one generator, one step); only the norms' and sums' order of operations differs.
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())), name
-    a = recover_images(one, whole.block, originals=batch)
-    b = recover_images(parts, split.block, originals=batch)
-    assert len(a) == len(b) >= 10 and torch.equal(a.sample_index, b.sample_index)
+    a = recover_images(reference, block, originals=batch)
+    b = recover_images(ghost, shadow.block, originals=batch)
+    assert len(a) == len(b) >= 5 and torch.equal(a.sample_index, b.sample_index)
     assert float((a.images - b.images).abs().max()) < 1e-3 * float(a.noise_std.max())
 
 
-def test_large_images_are_stepped_a_few_at_a_time(fashion_images):
-    """64 bins of 3×256×256 images: 50 MB of per-sample gradients a sample, so 5 fit the default 256 MiB budget."""
-    images = torch.nn.functional.interpolate(fashion_images[:6], size=256).expand(-1, 3, -1, -1).contiguous()
+@pytest.mark.parametrize("grad_sample_mode", ["ghost", "hooks"])
+def test_a_changed_clipping_norm_reaches_the_clip_factors(fashion_images, grad_sample_mode):
+    """The ghost-clipping module computes the clip factors from its own copy of the norm: a run that changes its
+    clipping norm between steps must clip the shadow's samples at the new one."""
+    batch = fashion_images[:16]
+    shadow = _shadow(batch, grad_sample_mode=grad_sample_mode)
+    ghost = shadow.step(batch, max_grad_norm=0.25)
+    reference, _ = _per_sample_step(shadow, batch, loss_reduction="mean", max_grad_norm=0.25)
+    assert torch.allclose(ghost.clean_bias, reference.clean_bias, rtol=1e-5, atol=1e-9)
+    assert ghost.coordinate_noise_std == pytest.approx(reference.coordinate_noise_std)
+
+
+def test_large_images_step_whole(fashion_images):
+    """64 bins of 3×256×256 images: 48 MiB of per-sample gradients a sample on Opacus's standard path; ghost
+    clipping steps the batch at once and the images are recovered."""
+    images = torch.nn.functional.interpolate(fashion_images[:8], size=256).expand(-1, 3, -1, -1).contiguous()
     shadow = _shadow(images)
-    assert shadow.physical_batch_size == 5
     sizes = []
     shadow.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     captured = shadow.step(images)
-    assert sizes == [5, 1] and captured.weight.shape == (64, 3 * 256 * 256)
-    assert len(recover_images(captured, shadow.block, originals=images)) >= 3
+    assert sizes == [8] and captured.weight.shape == (64, 3 * 256 * 256)
+    assert len(recover_images(captured, shadow.block, originals=images)) >= 4
+
+
+def test_an_unknown_grad_sample_mode_is_refused(fashion_images):
+    with pytest.raises(ValueError, match="grad_sample_mode must be 'ghost' or 'hooks'"):
+        _shadow(fashion_images[:4], grad_sample_mode="functorch")
