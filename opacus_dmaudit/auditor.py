@@ -901,7 +901,7 @@ class DMAuditor:
         # An isolated image's noise depends on its own clip factor alone, not on the batch's size, so the shadow
         # imprint attacks the first `bins` images (the most images `bins` bins isolate, about 37%): what an attacker
         # with bins enough for the whole batch sees of them. All of a batch of 512 in 64 bins left no image alone
-        # (Opacus's CIFAR-10 tutorial trains at 512), at eight times the per-sample gradients.
+        # (Opacus's CIFAR-10 tutorial trains at 512).
         attacked = job.batch[: self.bins] if self.mode == "shadow" else job.batch
         base["attacked"] = int(attacked.shape[0])
         if attacked.shape[0] == 0:  # an empty Poisson batch
