@@ -1,7 +1,7 @@
 """Prepare what a GPU turn carries to the device machine, and check it here, before any device time is spent.
 
-The device machine has no network and its image lacks opacus, diffusers and lpips. This script fills the two ignored
-folders that ``benchmarks/gpu_perf.sh`` and ``benchmarks/gpu_turn.sh`` read:
+The device machine has no network and its image lacks opacus, diffusers and lpips. This script makes anew (what was
+in them goes) the two ignored folders that ``benchmarks/gpu_perf.sh`` and ``benchmarks/gpu_turn.sh`` read:
 
 - ``.whl/``: wheels of the versions installed here (so the GPU runs the code the CPU tests passed with), for the
   image's Python (3.12, manylinux x86-64);
