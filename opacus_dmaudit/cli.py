@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = commands.add_parser("reconstruct", help="noise images at given stds and reconstruct them with a prior")
     rec.add_argument("--prior", required=True, help="shipped prior name (fashion-mnist), pipeline folder or hub id")
-    rec.add_argument("--images", required=True, help="IDX (.gz), .npy/.npz, image folder, or fashion-mnist[:train]")
+    rec.add_argument("--images", required=True, help=_IMAGES_HELP)
     rec.add_argument("--noise-std", type=_non_negative_float, nargs="+", required=True,
                      help="per-pixel Gaussian noise std(s) in [0, 1] pixel units")
     rec.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help=_SAMPLER_HELP)
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--batch-size", type=_positive_int, default=None,
                      help="images per UNet call (default: 256 on CUDA, 32 on CPU; fewer for images over 64x64)")
     rec.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    rec.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) checkpoints from trusted sources")
+    rec.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
     rec.add_argument("--eager", action="store_true", help=_EAGER_HELP)
     rec.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     rec.add_argument("--per-image", action="store_true", help="include per-image metrics in the JSON")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = commands.add_parser("train-prior", help="train a diffusion prior (DDPMPipeline folder)")
-    train.add_argument("--images", required=True, help="training images (e.g. fashion-mnist:train)")
+    train.add_argument("--images", required=True, help=_IMAGES_HELP + "; e.g. fashion-mnist:train")
     train.add_argument("--out", required=True, type=Path, help="pipeline folder to write")
     train.add_argument("--resolution", type=_positive_int, default=None,
                        help="side of the prior's square images (default: 32 for images up to 32x32, else their size)")
@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     train.add_argument("--resume", action="store_true",
                        help="continue from --out's checkpoint (--epochs / --minutes count from the first start)")
+    train.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
     train.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep = commands.add_parser("sweep", help="which noise multiplier? attack, reconstruct and bound per sigma")
-    sweep.add_argument("--images", required=True, help="images to attack (e.g. fashion-mnist for the test split)")
+    sweep.add_argument("--images", required=True, help=_IMAGES_HELP + "; e.g. fashion-mnist (its test split)")
     sweep.add_argument("--prior", required=True,
                        help="shipped prior name (fashion-mnist), pipeline folder or hub id")
     sigmas = sweep.add_mutually_exclusive_group()
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="highest acceptable success rate for the recommendation (default 0.05)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the noise, batches and sampler (default 0)")
     sweep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    sweep.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
     sweep.add_argument("--eager", action="store_true", help=_EAGER_HELP)
     sweep.add_argument("--out", required=True, type=Path,
                        help="folder for sweep.json, sweep.csv, plots, grids and TensorBoard logs (private)")
@@ -156,7 +158,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     _refuse_overwrite(args.json, args.overwrite)
     _refuse_overwrite(args.grid, args.overwrite)
-    images = load_images(args.images, limit=args.limit)
+    images = load_images(args.images, limit=args.limit, allow_pickle=args.allow_pickle)
     prior = DiffusionPrior.from_pretrained(args.prior, device=args.device, allow_pickle=args.allow_pickle,
                                            fast_path=_fast_path(args))
     show_progress = not args.no_progress and sys.stderr.isatty()
@@ -208,7 +210,7 @@ def _train_prior(args: argparse.Namespace) -> int:
         flips=not args.no_flips, seed=args.seed, compile=args.compile, checkpoint_every=args.checkpoint_every,
         save_fp16=not args.fp32,
     )
-    images = load_images(args.images, limit=args.limit)
+    images = load_images(args.images, limit=args.limit, allow_pickle=args.allow_pickle)
     description = f"{args.images}" + (f" (first {args.limit})" if args.limit else "")
     try:
         result = train_prior(images, args.out, config=config, resume=args.resume, overwrite=args.overwrite,
@@ -248,11 +250,12 @@ def _sweep(args: argparse.Namespace) -> int:
     )
     if config.sample_rate > 1:
         raise CliError(f"--sample-rate must be at most 1, got {config.sample_rate}")
-    images = load_images(args.images, limit=args.limit)
+    images = load_images(args.images, limit=args.limit, allow_pickle=args.allow_pickle)
     device = args.device
     if device is None and torch.distributed.is_initialized() and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"  # one GPU per process
-    prior = DiffusionPrior.from_pretrained(args.prior, device=device, fast_path=_fast_path(args))
+    prior = DiffusionPrior.from_pretrained(args.prior, device=device, fast_path=_fast_path(args),
+                                           allow_pickle=args.allow_pickle)
     result = run_sweep(images, prior, config=config, out_dir=args.out, progress=rank == 0)
     if rank == 0:
         key = f"{config.success_metric}@{config.success_eta:g}"
@@ -284,6 +287,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 _SAMPLER_HELP = "ddim (default, --steps steps from t*) or ddpm (every step from t*, as in the paper)"
 _EAGER_HELP = "no speed options (fp32, eager, no CUDA graphs); default on CUDA: bf16, compiled, CUDA graphs"
+_PICKLE_HELP = ("read Python pickles from trusted sources (they can run code when read): .bin prior checkpoints, "
+                "CIFAR's data batches")
+_IMAGES_HELP = ("IDX (.gz), .npy/.npz, image folder, torchvision's CIFAR-10/100 folder (test split; PATH:train), "
+                "or fashion-mnist[:train]")
 
 
 def _fast_path(args):

@@ -35,6 +35,9 @@ FASHION_MNIST_DIR = Path(os.environ.get("OPACUS_DMAUDIT_FASHION_MNIST", "/usr/sh
 """Where Debian's ``dataset-fashion-mnist`` package puts the IDX files (overridable by environment)."""
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+# torchvision's folders of the CIFAR datasets, the usual DP-SGD benchmarks, and their torchvision classes.
+_CIFAR_FOLDERS = {"cifar-10-batches-py": "CIFAR10", "cifar-100-python": "CIFAR100"}
+_SPLITS = ("train", "test")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -143,18 +146,51 @@ def _load_folder(folder: Path) -> torch.Tensor:
     return _array_to_images(np.stack(arrays), source=str(folder))
 
 
+def _cifar_folder(path: Path) -> tuple[str, Path] | None:
+    """``(torchvision class, folder)`` when ``path`` is torchvision's CIFAR-10 / CIFAR-100 folder or the root above."""
+    for folder, name in _CIFAR_FOLDERS.items():
+        if path.name == folder:
+            return name, path
+        if (path / folder).is_dir():
+            return name, path / folder
+    return None
+
+
+def _load_cifar(name: str, folder: Path, *, split: str, allow_pickle: bool) -> torch.Tensor:
+    """A CIFAR split read by torchvision (its md5 check included), ``download=False``: nothing is fetched."""
+    if not allow_pickle:
+        raise ImageLoadError(
+            f"{folder} is torchvision's {name} folder, whose batches are Python pickles, and reading a pickle can "
+            "run code: pass allow_pickle=True (CLI: --allow-pickle) if you trust these files, or save the images "
+            "as .npy first")
+    import torchvision
+
+    root = folder.parent
+    try:
+        dataset = getattr(torchvision.datasets, name)(str(root), train=split == "train", download=False)
+    except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted."
+        raise ImageLoadError(f"torchvision could not read {name} under {root} ({exc}); download it there once "
+                             f"(torchvision.datasets.{name}(root, download=True)) where there is network") from None
+    return _array_to_images(dataset.data, source=f"{name} {split} split")  # N×32×32×3 uint8
+
+
 def load_images(
     source: str | os.PathLike | torch.utils.data.Dataset | np.ndarray | torch.Tensor,
     *,
     limit: int | None = None,
+    allow_pickle: bool = False,
 ) -> torch.Tensor:
     """Load images as a float tensor ``N×C×H×W`` in ``[0, 1]``, in file order.
 
     Args:
         source: an IDX file (``.gz`` or not), a ``.npy``/``.npz`` array, a folder of image files, a single
-            image file, ``"fashion-mnist"`` / ``"fashion-mnist:train"`` for the embedded default data, a torch
-            ``Dataset`` whose items are images or ``(image, label)`` pairs, or an array.
+            image file, ``"fashion-mnist"`` / ``"fashion-mnist:train"`` for the embedded default data,
+            torchvision's CIFAR-10 / CIFAR-100 folder (``cifar-10-batches-py``, ``cifar-100-python``, or the root
+            above it; the test split, or ``PATH:train``), a torch ``Dataset`` whose items are images or
+            ``(image, label)`` pairs, or an array.
         limit: keep only the first ``limit`` images.
+        allow_pickle: read CIFAR's batches, which are Python pickles (reading one can run code): for files you
+            trust.
 
     Raises:
         ImageLoadError: for missing, corrupt or wrongly shaped sources.
@@ -167,13 +203,21 @@ def load_images(
         images = _load_dataset(source, limit=limit)
     else:
         text = str(source)
+        split = None  # of a source with splits, named as PATH:train / PATH:test
         if text.startswith("fashion-mnist"):
-            split = text.partition(":")[2] or "test"
-            source = fashion_mnist_path(split)
+            source = fashion_mnist_path(text.partition(":")[2] or "test")
+        elif text.rpartition(":")[2] in _SPLITS and not Path(text).exists():
+            source, _, split = text.rpartition(":")
         path = Path(source)
         if not path.exists():
             raise ImageLoadError(f"image source not found: {path}")
-        if path.is_dir():
+        cifar = _cifar_folder(path) if path.is_dir() else None
+        if cifar is not None:
+            images = _load_cifar(*cifar, split=split or "test", allow_pickle=allow_pickle)
+        elif split is not None:
+            raise ImageLoadError(f"{path} has no splits: ':{split}' is for fashion-mnist and torchvision's CIFAR "
+                                 "folders; pass the path alone")
+        elif path.is_dir():
             images = _load_folder(path)
         elif path.suffix == ".npy":
             images = _array_to_images(_load_numpy(path), source=str(path))

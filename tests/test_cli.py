@@ -42,6 +42,8 @@ def test_reconstruct_end_to_end(tmp_path, tiny_prior_dir):
         (["--prior", "google/ddpm-cifar10-32"], "HF_HUB_OFFLINE"),
         (["--images", "CORRUPT"], "cannot read"),
         (["--images", "WRONGSHAPE"], "shaped"),
+        (["--images", "CIFAR"], "Python pickles, and reading a pickle can run code: pass allow_pickle=True (CLI: "
+                                "--allow-pickle)"),
     ],
 )
 def test_bad_inputs_give_one_line_errors(tmp_path, tiny_prior_dir, args, message):
@@ -49,10 +51,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_prior_dir, args, message
     import numpy as np
 
     np.save(tmp_path / "wrong.npy", np.zeros((2, 2, 2, 2, 2)))
+    (tmp_path / "cifar-10-batches-py").mkdir()
     base = {"--prior": tiny_prior_dir, "--images": FASHION_TEST, "--noise-std": "0.1"}
     given = dict(zip(args[::2], args[1::2]))
-    given = {k: {"CORRUPT": str(tmp_path / "bad.idx.gz"), "WRONGSHAPE": str(tmp_path / "wrong.npy")}.get(v, v)
-             for k, v in given.items()}
+    given = {k: {"CORRUPT": str(tmp_path / "bad.idx.gz"), "WRONGSHAPE": str(tmp_path / "wrong.npy"),
+                 "CIFAR": str(tmp_path / "cifar-10-batches-py")}.get(v, v) for k, v in given.items()}
     base.update(given)
     argv = ["reconstruct", "--limit", "2", "--steps", "1"] + [x for kv in base.items() for x in kv]
     out = run_cli(*argv)

@@ -127,3 +127,65 @@ def test_denormalize_inverts_normalisation():
     assert torch.allclose(denormalize(normalised, mean=mean, std=std), x, atol=1e-6)
     with pytest.raises(ValueError, match="positive"):
         denormalize(x, mean=0.0, std=0.0)
+
+
+def _write_cifar(root, *, hundred=False, per_file=3):
+    """torchvision's CIFAR folder, written in CIFAR's own format (pickled dicts of uint8 rows, 3×32×32 row-major).
+    CIFAR cannot ship in the tests, so torchvision's md5 check is bypassed (the caller's monkeypatch); the rest of
+    the reading is torchvision's own. Returns {split: the images as N×3×32×32 uint8}."""
+    import pickle
+
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    files = {"train": ["train"] if hundred else [f"data_batch_{i}" for i in range(1, 6)],
+             "test": ["test"] if hundred else ["test_batch"]}
+    rng = np.random.default_rng(0)
+    expected = {}
+    for split, names in files.items():
+        parts = []
+        for name in names:
+            data = rng.integers(0, 256, size=(per_file, 3 * 32 * 32), dtype=np.uint8)
+            labels = {"fine_labels": [0] * per_file} if hundred else {"labels": [0] * per_file}
+            (folder / name).write_bytes(pickle.dumps({"data": data, **labels}, protocol=2))
+            parts.append(data.reshape(-1, 3, 32, 32))
+        expected[split] = np.concatenate(parts)
+    meta = {"fine_label_names": ["a"]} if hundred else {"label_names": ["a"]}
+    (folder / ("meta" if hundred else "batches.meta")).write_bytes(pickle.dumps(meta, protocol=2))
+    return folder, expected
+
+
+@pytest.fixture()
+def cifar_md5_bypassed(monkeypatch):
+    import os
+
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_torchvision_cifar_folders_load_through_torchvision(tmp_path, cifar_md5_bypassed, hundred):
+    folder, expected = _write_cifar(tmp_path, hundred=hundred)
+    test = load_images(folder, allow_pickle=True)
+    assert test.shape == (3, 3, 32, 32) and test.dtype == torch.float32
+    assert torch.equal(test, torch.from_numpy(expected["test"]).float() / 255)  # channels and pixel order kept
+    train = load_images(f"{folder}:train", allow_pickle=True, limit=7)
+    assert torch.equal(train, torch.from_numpy(expected["train"][:7]).float() / 255)
+    assert torch.equal(load_images(tmp_path, allow_pickle=True), test)  # the root above the folder, as torchvision
+
+
+def test_cifar_folders_need_consent_to_their_pickles(tmp_path, cifar_md5_bypassed, monkeypatch):
+    import torchvision.datasets.cifar
+
+    folder, _ = _write_cifar(tmp_path)
+    with pytest.raises(ImageLoadError, match=r"Python pickles.*--allow-pickle"):
+        load_images(folder)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: False)  # as corrupt
+    with pytest.raises(ImageLoadError, match="torchvision could not read CIFAR10 .*download=True"):
+        load_images(folder, allow_pickle=True)
+
+
+def test_a_split_suffix_on_a_source_without_splits_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), dtype=np.uint8))
+    with pytest.raises(ImageLoadError, match="has no splits"):
+        load_images(f"{tmp_path / 'x.npy'}:train")
