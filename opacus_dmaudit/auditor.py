@@ -6,10 +6,10 @@ Two modes:
   and runs its first ``bins`` images, off the training thread, through its own imprint model with Opacus's own
   machinery (its ghost clipping: ``GradSampleModuleFastGradientClipping`` and ``DPOptimizerFastGradientClipping``,
   which release what its per-sample path does without holding a gradient per sample) with the training run's noise
-  multiplier, clipping norm, expected batch size and loss reduction, and the auditor's own noise generator. The imprint model gives each
-  sample's whole clipping budget to its imprint row, so the noise is at the floor DP allows: this is what an attacker
-  who chooses the architecture sees at this noise multiplier. An isolated image's noise does not depend on how many
-  others share the step, so those images stand for the whole batch.
+  multiplier, clipping norm, expected batch size and loss reduction, and the auditor's own noise generator. The
+  imprint model gives each sample's whole clipping budget to its imprint row, so the noise is at the floor DP allows:
+  this is what an attacker who chooses the architecture sees at this noise multiplier. An isolated image's noise does
+  not depend on how many others share the step, so those images stand for the whole batch.
 * ``"inline"``: the imprint block sits in front of the user's model before Opacus wraps it, so the real steps carry
   it. Its gradients are clipped with the real model's (real clip factors) and captured from the real noised
   steps by chaining the optimizer's step hook; the block's parameters are restored after every step so the bins

@@ -161,8 +161,8 @@ def _load_cifar(name: str, folder: Path, *, split: str, allow_pickle: bool) -> t
     if not allow_pickle:
         raise ImageLoadError(
             f"{folder} is torchvision's {name} folder, whose batches are Python pickles, and reading a pickle can "
-            "run code: pass allow_pickle=True (CLI: --allow-pickle) if you trust these files, or save the images "
-            "as .npy first")
+            "run code: pass allow_pickle=True to load_images (CLI: --allow-pickle) if you trust these files, or save "
+            "the images as .npy first")
     import torchvision
 
     root = folder.parent

@@ -42,7 +42,7 @@ def test_reconstruct_end_to_end(tmp_path, tiny_prior_dir):
         (["--prior", "google/ddpm-cifar10-32"], "HF_HUB_OFFLINE"),
         (["--images", "CORRUPT"], "cannot read"),
         (["--images", "WRONGSHAPE"], "shaped"),
-        (["--images", "CIFAR"], "Python pickles, and reading a pickle can run code: pass allow_pickle=True (CLI: "
+        (["--images", "CIFAR"], "reading a pickle can run code: pass allow_pickle=True to load_images (CLI: "
                                 "--allow-pickle)"),
     ],
 )
