@@ -8,7 +8,8 @@ but never audits: the standing cost of its per-sample gradients, apart from the 
 CPU, "shadow, worker niceness 0" runs the audit worker at training's own priority, against DMAuditor's default.
 On CUDA each row also gives the device memory's peak from the auditor's creation to the end of training: the worker
 allocates on its own stream, and the caching allocator does not lend those blocks to training's stream, so what the
-auditor holds adds to training's peak.
+auditor holds adds to training's peak. ``--grad-sample-mode ghost`` trains with Opacus's ghost clipping (its
+criterion wrapped by ``make_private``), where the inline imprint's rows, a linear layer, need no per-sample gradient.
 
     python benchmarks/auditor_overhead.py --steps 40 --every 10 --json out.json
 """
@@ -75,16 +76,22 @@ def run(variant: str, *, images, labels, args, device) -> dict:
                             mode=mode, steps=args.sampler_steps, max_reconstructions=args.max_reconstructions,
                             queue_size=args.steps // args.every + 1, device=device,
                             kappa_samples=args.kappa_samples, **niceness)
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=1.0, max_grad_norm=1.0,
-                                                   poisson_sampling=False)
+    criterion = nn.CrossEntropyLoss()
+    ghost = args.grad_sample_mode == "ghost"
+    private = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                                  max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=args.grad_sample_mode,
+                                  **({"criterion": criterion} if ghost else {}))
+    if ghost:  # the wrapped criterion's backward runs ghost clipping's two passes
+        model, optimizer, criterion, loader = private
+    else:
+        model, optimizer, loader = private
     step_times, step = [], 0
     while step < args.steps:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             started = time.perf_counter()
             optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
+            criterion(model(x), y).backward()
             optimizer.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -119,6 +126,8 @@ def main() -> None:
     parser.add_argument("--max-reconstructions", type=int, default=16)
     parser.add_argument("--kappa-samples", type=int, default=16,
                         help="prior draws for the ReRo bound's kappa, once per auditor (DMAuditor's default; 0: none)")
+    parser.add_argument("--grad-sample-mode", choices=("hooks", "ghost"), default="hooks",
+                        help="Opacus's per-sample gradients (hooks, its default) or ghost clipping")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-root", default="/tmp/opacus-dmaudit-bench")
     parser.add_argument("--json", default=None)
@@ -136,7 +145,8 @@ def main() -> None:
         if "capture_ms_per_audit" in row:
             row["capture_pct_of_step"] = 100 * row["capture_ms_per_audit"] / base
     name = device_name(device)
-    print(f"auditor overhead: {name}, CNN width {args.width}, batch {args.batch}, {args.steps} steps, audit every "
+    print(f"auditor overhead: {name}, {args.grad_sample_mode}, CNN width {args.width}, batch {args.batch}, "
+          f"{args.steps} steps, audit every "
           f"{args.every} ({args.sampler_steps} DDIM steps, <= {args.max_reconstructions} images)")
     for row in rows:
         extra = ""
