@@ -146,8 +146,8 @@ def main() -> None:
             row["capture_pct_of_step"] = 100 * row["capture_ms_per_audit"] / base
     name = device_name(device)
     print(f"auditor overhead: {name}, {args.grad_sample_mode}, CNN width {args.width}, batch {args.batch}, "
-          f"{args.steps} steps, audit every "
-          f"{args.every} ({args.sampler_steps} DDIM steps, <= {args.max_reconstructions} images)")
+          f"{args.steps} steps, audit every {args.every} ({args.sampler_steps} DDIM steps, <= "
+          f"{args.max_reconstructions} images)")
     for row in rows:
         extra = ""
         if row.get("audits"):

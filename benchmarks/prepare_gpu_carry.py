@@ -67,12 +67,14 @@ def download_wheels(folder: Path) -> list[Path]:
 
 def missing_requirements(wheels: list[Path]) -> list[str]:
     """Each requirement of a wheel that neither another wheel nor the image meets, as a line saying why."""
-    carried = {canonicalize_name(parse_wheel_filename(w.name)[0]): parse_wheel_filename(w.name)[1] for w in wheels}
-    marker_env = {"python_version": IMAGE_PYTHON, "python_full_version": IMAGE_PYTHON + ".3", "sys_platform": "linux",
-                  "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
-                  "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+    parsed = {wheel: parse_wheel_filename(wheel.name) for wheel in wheels}
+    carried = {name: version for name, version, *_ in parsed.values()}
+    # The image's interpreter, over packaging's defaults for this one (Marker.evaluate merges them).
+    image = {"python_version": IMAGE_PYTHON, "python_full_version": IMAGE_PYTHON + ".3", "sys_platform": "linux",
+             "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+             "platform_python_implementation": "CPython", "os_name": "posix"}
     problems = []
-    for wheel in wheels:
+    for wheel, (wheel_name, *_) in parsed.items():
         with zipfile.ZipFile(wheel) as archive:
             metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
             lines = archive.read(metadata).decode().splitlines()
@@ -80,22 +82,24 @@ def missing_requirements(wheels: list[Path]) -> list[str]:
             if not line.startswith("Requires-Dist:"):
                 continue
             requirement = Requirement(line.split(":", 1)[1].strip())
-            if requirement.marker is not None and not requirement.marker.evaluate(marker_env):
+            if requirement.marker is not None and not requirement.marker.evaluate(image):
                 continue
             name = canonicalize_name(requirement.name)
             if name in NOT_NEEDED:
                 continue
-            found = carried.get(name)
-            if found is None and name in IMAGE_PACKAGES:
-                found = Version(IMAGE_PACKAGES[name]) if IMAGE_PACKAGES[name] else None
-                if found is None:
-                    continue  # on the image, version not recorded
-            if found is None:
+            if name in carried:
+                found = carried[name]
+            elif name not in IMAGE_PACKAGES:
                 problems.append(f"{wheel.name} needs {requirement}, which is neither carried nor on the image: "
-                                f"add it to WHEELS")
-            elif requirement.specifier and found not in requirement.specifier:
+                                "add it to WHEELS")
+                continue
+            elif IMAGE_PACKAGES[name] is None:
+                continue  # on the image, version not recorded
+            else:
+                found = Version(IMAGE_PACKAGES[name])
+            if requirement.specifier and found not in requirement.specifier:
                 problems.append(f"{wheel.name} needs {requirement}, but {name} {found} is what the device has: "
-                                f"pin an older {wheel.name.split('-')[0]} or carry a matching {name}")
+                                f"pin an older {wheel_name} or carry a matching {name}")
     return problems
 
 
