@@ -31,6 +31,10 @@ __all__ = ["SCALES", "RecoveredImages", "recover_images"]
 
 SCALES = ("oracle", "bin-measurement", "noisy-bias")
 
+# A bin's clean ratio differs from the image of the one sample in it by float rounding alone: about 1e-7 of the
+# image's norm in float32, 1e-3 under TF32. A mixture that close to one image is that image.
+ATTRIBUTION_TOLERANCE = 1e-2
+
 
 @dataclass
 class RecoveredImages:
@@ -65,6 +69,69 @@ def _per_bin(rows: torch.Tensor, structure: str) -> torch.Tensor:
     return torch.cat([rows[:-1] - rows[1:], rows[-1:]])
 
 
+def _owners_by_measurement(assignment: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each bin's sample (-1 unless exactly one) and its sample count, from the samples' measurements alone."""
+    valid = (assignment >= 0) & (assignment < bins)
+    counts = torch.bincount(assignment[valid], minlength=bins)
+    owner = torch.full((bins,), -1, dtype=torch.long)
+    positions = torch.nonzero(valid).flatten()
+    owner[assignment[positions]] = positions
+    owner[counts != 1] = -1
+    return owner, counts
+
+
+def _ratio_error(weight: torch.Tensor, bias: torch.Tensor, originals: torch.Tensor) -> torch.Tensor:
+    """``||weight / bias - original|| / ||original||`` row by row: how far a bin's clean image is from a sample (float
+    rounding alone for the sample that made it). The difference is taken as ``weight - bias * original``, in the
+    gradients' own precision: for the matching sample it is the rounding of each pixel, not a cancellation of sums."""
+    difference = torch.linalg.vector_norm(torch.addcmul(weight, bias[:, None], originals, value=-1), dim=1)
+    return difference / (bias.abs() * torch.linalg.vector_norm(originals, dim=1)).clamp_min(torch.finfo(bias.dtype).tiny)
+
+
+def _attribute_bins(clean_weight: torch.Tensor, clean_bias: torch.Tensor, originals: torch.Tensor,
+                    assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each bin's sample (-1 unless it shows exactly one) and its sample count, checked against the clean sums.
+
+    The float64 measurement of a sample can put it in another bin than the imprint rows did: the rows compute
+    ``(w.x - tau_i) / width_i`` in float32 (TF32 on a GPU that allows it), and a sample within rounding of an edge
+    lands in the neighbouring row, or in both, or in neither. A bin's clean clipped sums show which: alone in it, a
+    sample's ``clean_weight / clean_bias`` is its image. So a bin the measurement gives one sample or none, and that
+    holds gradient, is matched with the sample, among those the measurement puts in it or beside it (rounding moves a
+    sample by a sliver of a bin), whose image its clean ratio is to ``ATTRIBUTION_TOLERANCE``; matching none, it holds
+    a mixture. A bin the measurement gives several samples stays a collision: were all but one moved out, an image
+    is missed, never a wrong one scored. A sample shown by two rows is returned once, from the row with the larger
+    clean bias (its lower noise).
+    """
+    bins = clean_bias.numel()
+    originals = originals.to(clean_weight.dtype)
+    owner, counts = _owners_by_measurement(assignment, bins)
+    holding = clean_bias != 0
+    index = torch.nonzero(holding & (owner >= 0)).flatten()
+    error = _ratio_error(clean_weight[index], clean_bias[index], originals[owner[index]])
+    owner[index[error > ATTRIBUTION_TOLERANCE]] = -1
+    owner[~holding] = -1
+    counts[~holding] = 0
+    for i in torch.nonzero(holding & (owner < 0) & (counts <= 1)).flatten().tolist():
+        near = torch.nonzero((assignment >= i - 1) & (assignment <= i + 1)).flatten()
+        if near.numel() == 0:
+            continue  # rounding residue of a row difference: no sample is near enough to have made it
+        error = _ratio_error(clean_weight[i].expand(near.numel(), -1), clean_bias[i].expand(near.numel()),
+                             originals[near])
+        best = int(torch.argmin(error))
+        if float(error[best]) <= ATTRIBUTION_TOLERANCE:
+            owner[i] = near[best]
+        elif near.numel() > 1:
+            counts[i] = 2  # a mixture of the samples near it
+    counts[owner >= 0] = 1
+    # A sample shown by several rows: keep the row with the largest clean bias (its lowest noise), the first on ties.
+    strength = torch.where(owner >= 0, clean_bias.abs(), -1.0)
+    for sample in torch.unique(owner[owner >= 0]).tolist():
+        rows = torch.nonzero(owner == sample).flatten()
+        if rows.numel() > 1:
+            owner[rows[rows != rows[torch.argmax(strength[rows])]]] = -1
+    return owner, counts
+
+
 def recover_images(
     captured: CapturedGradients,
     block: ImprintBlock,
@@ -81,9 +148,11 @@ def recover_images(
         captured: the step's captured gradients.
         block: the imprint block that produced them (for its bins, measurement and structure).
         scale: one of ``SCALES``.
-        originals: the step's batch as the model saw it (model-input space). When given, bins are occupied by
-            exactly the samples whose measurement falls in them, collisions are known and each image is matched
-            to its sample; otherwise occupied bins are detected from the bias gradient.
+        originals: the step's batch as the model saw it (model-input space). When given, each bin's samples are
+            those whose measurement falls in it, collisions are known and each image is matched to its sample;
+            with the clean sums captured too, each match is checked against the bin's clean ratio, which shows the
+            sample the float32 rows really put there (see ``_attribute_bins``). Otherwise occupied bins are
+            detected from the bias gradient.
         input_mean / input_std: the model's input normalisation, to map images and noise back to pixel space.
         detection_threshold: without originals, a bin counts as occupied when its bias gradient exceeds this
             many noise stds (or is non-zero, when the clean sum is known).
@@ -110,14 +179,16 @@ def recover_images(
     if originals is not None:
         if tuple(originals.shape[1:]) != block.image_shape:
             raise ValueError(f"originals have shape {tuple(originals.shape)}, the block expects N×{block.image_shape}")
-        assignment = block.assign_bins(originals.detach().cpu())
-        valid = (assignment >= 0) & (assignment < bins)
-        counts = torch.bincount(assignment[valid], minlength=bins)
-        occupied = counts == 1
+        originals = originals.detach().cpu()
+        assignment = block.assign_bins(originals)
+        if clean_bias is not None:
+            owner, counts = _attribute_bins(_per_bin(captured.clean_weight, structure).cpu(),
+                                            _per_bin(captured.clean_bias, structure).cpu(), originals.flatten(1),
+                                            assignment)
+        else:
+            owner, counts = _owners_by_measurement(assignment, bins)
+        occupied = owner >= 0
         collisions = torch.nonzero(counts > 1).flatten()
-        owner = torch.full((bins,), -1, dtype=torch.long)
-        positions = torch.nonzero(valid).flatten()
-        owner[assignment[positions]] = positions  # unique for singly-occupied bins, which are the ones used
     else:
         counts = None
         collisions = torch.zeros(0, dtype=torch.long)

@@ -59,6 +59,42 @@ def test_noise_free_step_returns_batch_images_exactly(fashion_images, structure)
     assert len(recovered.collisions) == int((recovered.bin_counts > 1).sum())
 
 
+@pytest.mark.parametrize("structure", ["sparse", "cumulative"])
+def test_images_are_matched_with_the_samples_the_rows_hold_where_rounding_moves_them(fashion_images, structure):
+    # Every sample sits a hair (1e-9 bin widths) above an edge of its own bin: its float64 measurement puts it alone
+    # in that bin, while the float32 rows put it there, in the bin below, in both (sparse) or in neither.
+    engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:64], sigma=0.0,
+                                                                     structure=structure, bins=64)
+    x, y = next(iter(loader))
+    measured, _ = torch.sort(block.measure(x).double())
+    width = float(measured[-1] - measured[0]) / 64
+    block.set_edges(torch.cat([measured[:1] - width, measured[1:] - 1e-9 * width, measured[-1:] + width]))
+    with torch.no_grad():
+        rows = block.imprint(x.flatten(1))
+    if structure == "sparse":
+        shown = (rows > 0) & (rows < 1)  # the rows with a non-zero derivative (clamp's is zero at its bounds)
+    else:  # bin i is row i less row i + 1: a sample shows in the top row it activates
+        active = rows > 0
+        shown = active & ~torch.cat([active[:, 1:], torch.zeros(64, 1, dtype=torch.bool)], dim=1)
+    measured_bins = block.assign_bins(x)
+    assert int((shown.float().argmax(dim=1) != measured_bins).sum() + (shown.sum(dim=1) != 1).sum()) >= 10, \
+        "rounding moved too few samples to test"
+    alone = torch.nonzero(shown.sum(dim=0) == 1).flatten()
+    expected = set(shown[:, alone].float().argmax(dim=0).tolist())
+
+    capture = GradientCapture(optimizer, block.imprint)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    recovered = recover_images(capture.latest, block, scale="oracle", originals=x)
+    returned = recovered.sample_index.tolist()
+    assert len(returned) == len(set(returned)), "a sample shown by two rows must be returned once"
+    assert set(returned) == expected
+    error = (recovered.images - x[recovered.sample_index]).abs().max()
+    assert float(error) < (1e-5 if structure == "sparse" else 2e-4)
+    assert set(recovered.collisions.tolist()) <= set(torch.nonzero(shown.sum(dim=0) > 1).flatten().tolist())
+
+
 def test_noise_matches_predicted_std(fashion_images):
     engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images, sigma=0.5)
     snapshot = block.parameter_snapshot()
