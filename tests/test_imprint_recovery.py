@@ -228,6 +228,24 @@ def test_imprint_block_leaves_model_inputs_unchanged(fashion_images):
         ImprintBlock(image_shape=(1, 28, 28), structure="dense")
 
 
+def test_calibrated_edges_lie_between_tied_measurements_where_the_float32_rows_agree_with_them():
+    from opacus_dmaudit.data import load_images
+
+    # 8-bit images share brightnesses, and a quantile of tied values is one of them: on such an edge the float32
+    # rows, not the measurement, decide an image's bin (with edges at the quantiles: 22 of these 4,000 images).
+    images = load_images("fashion-mnist", limit=4000)
+    block = ImprintBlock(image_shape=(1, 28, 28), bins=512).calibrate(images)
+    measured = block.measure(images)
+    assert bool(block.settled(measured).all())
+    with torch.no_grad():
+        rows = block.imprint(images.flatten(1))
+    shown = (rows > 0) & (rows < 1)
+    assert bool((shown.sum(dim=1) == 1).all())
+    assert torch.equal(shown.float().argmax(dim=1), block.bins_of(measured))
+    counts = torch.bincount(block.bins_of(measured), minlength=512)
+    assert int(counts.min()) >= 1 and int(counts.max()) <= 4000 // 512 + 6  # still about equal mass
+
+
 def test_the_image_batch_is_found_among_a_forwards_arguments():
     images, flat = torch.rand(4, 1, 8, 8), torch.rand(4, 64)
     tokens, labels = torch.randint(0, 9, (4, 5)), torch.randint(0, 9, (4,))
