@@ -89,18 +89,18 @@ def _ratio_error(weight: torch.Tensor, bias: torch.Tensor, originals: torch.Tens
 
 
 def _attribute_bins(clean_weight: torch.Tensor, clean_bias: torch.Tensor, originals: torch.Tensor,
-                    assignment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    assignment: torch.Tensor, settled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each bin's sample (-1 unless it shows exactly one) and its sample count, checked against the clean sums.
 
     The float64 measurement of a sample can put it in another bin than the imprint rows did: the rows compute
     ``(w.x - tau_i) / width_i`` in float32 (TF32 on a GPU that allows it), and a sample within rounding of an edge
     lands in the neighbouring row, or in both, or in neither. A bin's clean clipped sums show which: alone in it, a
-    sample's ``clean_weight / clean_bias`` is its image. So a bin the measurement gives one sample or none, and that
-    holds gradient, is matched with the sample, among those the measurement puts in it or beside it (rounding moves a
-    sample by a sliver of a bin), whose image its clean ratio is to ``ATTRIBUTION_TOLERANCE``; matching none, it holds
-    a mixture. A bin the measurement gives several samples stays a collision: were all but one moved out, an image
-    is missed, never a wrong one scored. A sample shown by two rows is returned once, from the row with the larger
-    clean bias (its lower noise).
+    sample's ``clean_weight / clean_bias`` is its image. So each bin that holds gradient is matched with the sample,
+    among those the measurement puts in it or beside it (rounding moves a sample by a sliver of a bin), whose image its
+    clean ratio is to ``ATTRIBUTION_TOLERANCE``; matching none, it holds a mixture. A sample shown by two rows is
+    returned once, from the row with the larger clean bias (its lower noise). ``settled`` samples (farther from every
+    edge than the rows' rounding) are in their measured bin for certain: a bin with two of them is a mixture
+    unsearched, and none of them is a candidate for a neighbouring bin.
     """
     bins = clean_bias.numel()
     originals = originals.to(clean_weight.dtype)
@@ -111,8 +111,9 @@ def _attribute_bins(clean_weight: torch.Tensor, clean_bias: torch.Tensor, origin
     owner[index[error > ATTRIBUTION_TOLERANCE]] = -1
     owner[~holding] = -1
     counts[~holding] = 0
-    for i in torch.nonzero(holding & (owner < 0) & (counts <= 1)).flatten().tolist():
-        near = torch.nonzero((assignment >= i - 1) & (assignment <= i + 1)).flatten()
+    settled_counts = torch.bincount(assignment[settled & (assignment >= 0) & (assignment < bins)], minlength=bins)
+    for i in torch.nonzero(holding & (owner < 0) & (settled_counts < 2)).flatten().tolist():
+        near = torch.nonzero((assignment == i) | ((assignment - i).abs() == 1) & ~settled).flatten()
         if near.numel() == 0:
             continue  # rounding residue of a row difference: no sample is near enough to have made it
         error = _ratio_error(clean_weight[i].expand(near.numel(), -1), clean_bias[i].expand(near.numel()),
@@ -121,7 +122,7 @@ def _attribute_bins(clean_weight: torch.Tensor, clean_bias: torch.Tensor, origin
         if float(error[best]) <= ATTRIBUTION_TOLERANCE:
             owner[i] = near[best]
         elif near.numel() > 1:
-            counts[i] = 2  # a mixture of the samples near it
+            counts[i] = max(int(counts[i]), 2)  # a mixture of the samples near it
     counts[owner >= 0] = 1
     # A sample shown by several rows: keep the row with the largest clean bias (its lowest noise), the first on ties.
     strength = torch.where(owner >= 0, clean_bias.abs(), -1.0)
@@ -180,11 +181,12 @@ def recover_images(
         if tuple(originals.shape[1:]) != block.image_shape:
             raise ValueError(f"originals have shape {tuple(originals.shape)}, the block expects N×{block.image_shape}")
         originals = originals.detach().cpu()
-        assignment = block.assign_bins(originals)
+        measured = block.measure(originals)
+        assignment = block.bins_of(measured)
         if clean_bias is not None:
             owner, counts = _attribute_bins(_per_bin(captured.clean_weight, structure).cpu(),
                                             _per_bin(captured.clean_bias, structure).cpu(), originals.flatten(1),
-                                            assignment)
+                                            assignment, block.settled(measured))
         else:
             owner, counts = _owners_by_measurement(assignment, bins)
         occupied = owner >= 0
