@@ -113,7 +113,7 @@ def _attribute_bins(clean_weight: torch.Tensor, clean_bias: torch.Tensor, origin
     counts[~holding] = 0
     settled_counts = torch.bincount(assignment[settled & (assignment >= 0) & (assignment < bins)], minlength=bins)
     for i in torch.nonzero(holding & (owner < 0) & (settled_counts < 2)).flatten().tolist():
-        near = torch.nonzero((assignment == i) | ((assignment - i).abs() == 1) & ~settled).flatten()
+        near = torch.nonzero((assignment == i) | (((assignment - i).abs() == 1) & ~settled)).flatten()
         if near.numel() == 0:
             continue  # rounding residue of a row difference: no sample is near enough to have made it
         error = _ratio_error(clean_weight[i].expand(near.numel(), -1), clean_bias[i].expand(near.numel()),
