@@ -1,4 +1,5 @@
-"""Time and peak memory of the shadow imprint's DP-SGD step: ghost clipping against Opacus's per-sample gradients.
+"""Time and peak memory of the shadow imprint's DP-SGD step: ghost clipping against Opacus's per-sample gradients;
+and the time of recovery after it, with and without the check of each bin's sample against its clean ratio.
 
 The shadow step runs on the CPU beside the user's training. Opacus's standard path (``grad_sample_mode="hooks"``)
 materialises every sample's gradient of every imprint row, ``bins x C*H*W`` floats a sample; ghost clipping, what
@@ -38,7 +39,29 @@ def one_variant(*, batch: int, size: int, channels: int, bins: int, mode: str, r
         shadow.step(images)
     seconds = (time.perf_counter() - started) / repeats
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"step_seconds": seconds, "peak_rss_gib": peak, "rss_before_gib": before, "repeats": repeats}
+    row = {"step_seconds": seconds, "peak_rss_gib": peak, "rss_before_gib": before, "repeats": repeats}
+    if mode == "ghost":
+        row.update(recovery_seconds(shadow.step(images), shadow.block, images, repeats=repeats))
+    return row
+
+
+def recovery_seconds(captured, block, images, *, repeats: int) -> dict:
+    """Recovery's time after the step, with the check of each bin's sample against its clean ratio and without it
+    (the float64 measurement alone, as without clean sums), at the same scale."""
+    import dataclasses
+
+    from opacus_dmaudit.recovery import recover_images
+
+    unchecked = dataclasses.replace(captured, clean_weight=None, clean_bias=None)
+    row = {}
+    for name, released in (("recovery_seconds", captured), ("recovery_unchecked_seconds", unchecked)):
+        recover_images(released, block, scale="noisy-bias", originals=images)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            recovered = recover_images(released, block, scale="noisy-bias", originals=images)
+        row[name] = (time.perf_counter() - started) / repeats
+        row[name.replace("seconds", "images")] = len(recovered)
+    return row
 
 
 def main() -> None:
@@ -70,6 +93,10 @@ def main() -> None:
     speedup = rows["hooks"]["step_seconds"] / rows["ghost"]["step_seconds"]
     memory = rows["ghost"]["peak_rss_gib"] / rows["hooks"]["peak_rss_gib"]
     print(f"  ghost against hooks: x{speedup:.1f} faster, peak RSS x{memory:.2f}")
+    ghost = rows["ghost"]
+    print(f"  recovery after the step: {ghost['recovery_seconds'] * 1e3:.1f} ms with each bin's sample checked "
+          f"against its clean ratio ({ghost['recovery_images']} images), {ghost['recovery_unchecked_seconds'] * 1e3:.1f}"
+          f" ms by the measurement alone ({ghost['recovery_unchecked_images']} images)")
     write_json(args.json, {**header(torch.device("cpu")), **shape, "variants": rows,
                            "speedup_vs_naive": speedup, "peak_rss_ratio_ghost_vs_hooks": memory})
 
