@@ -47,7 +47,7 @@ from opacus_dmaudit.bounds import estimate_kappa, history_epsilon, rero_bound_gd
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
                                     chain_step_hook)
 from opacus_dmaudit.data import denormalize
-from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument, tf32_rows_note
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
@@ -911,6 +911,10 @@ class DMAuditor:
         else:
             # Never None here: _enqueue queues no inline audit whose capture failed.
             captured, block = job.captured, self._block_copy
+            tf32 = tf32_rows_note(self.block.imprint.weight.device)
+            if tf32 is not None:
+                notes.append(tf32)
+                self._warn_once("tf32", tf32)
             captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
                                             for k, v in asdict(captured).items()})
         outside = outside_bins(block, attacked)

@@ -277,3 +277,34 @@ def test_set_edges_takes_strictly_increasing_edges_and_sets_the_rows():
     for bad in ([0.0, 1.0, 2.0], [0.0, 2.0, 1.0, 4.0]):
         with pytest.raises(ValueError, match="4 strictly increasing values"):
             block.set_edges(torch.tensor(bad))
+
+
+# Each case: the switches set one after another in a process of its own (torch keeps them for the process, and
+# refuses some reads once its APIs are mixed), each with whether TF32 is on after it.
+_TF32_CASES = {
+    "set_float32_matmul_precision": [("pass", False), ("torch.set_float32_matmul_precision('high')", True),
+                                     ("torch.set_float32_matmul_precision('highest')", False)],
+    "legacy allow_tf32": [("torch.backends.cuda.matmul.allow_tf32 = True", True)],
+    "generic fp32_precision, then cuBLAS's own": [("torch.backends.fp32_precision = 'tf32'", True),
+                                                  ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False)],
+    "legacy, then the new API": [("torch.backends.cuda.matmul.allow_tf32 = True", True),
+                                 ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True)],
+}
+
+
+@pytest.mark.parametrize("case", list(_TF32_CASES))
+def test_tf32_is_read_from_whichever_api_set_it_and_noted_for_cuda_rows_only(case):
+    import subprocess
+    import sys
+
+    steps = _TF32_CASES[case]
+    if any("fp32_precision" in step for step, _ in steps) and not hasattr(torch.backends.cuda.matmul,
+                                                                         "fp32_precision"):
+        pytest.skip("torch.backends.*.fp32_precision needs torch 2.9")
+    script = ["import torch", "from opacus_dmaudit.imprint import cuda_matmul_allows_tf32, tf32_rows_note"]
+    for step, _ in steps:
+        script += [step, "note = tf32_rows_note(torch.device('cuda'))",
+                   "print(cuda_matmul_allows_tf32(), note is not None and 'TF32' in note, tf32_rows_note('cpu'))"]
+    output = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert output == [f"{on} {on} None" for _, on in steps]
