@@ -496,6 +496,37 @@ def test_the_worker_reconstructs_on_cuda_next_to_training_and_leaves_its_generat
         assert moved == run(None)[1]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 is a setting of CUDA's float32 matrix products")
+def test_inline_audits_on_cuda_note_tf32_while_it_is_on(tmp_path, fashion_images, tiny_prior_dir):
+    device = torch.device("cuda", torch.cuda.current_device())
+
+    def notes_of_audits(precision):
+        torch.set_float32_matmul_precision(precision)
+        try:
+            torch.manual_seed(0)
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(fashion_images, torch.randint(0, 10, (256,))), batch_size=64)
+            engine = PrivacyEngine(accountant="rdp")
+            auditor = DMAuditor(engine, **audit_kwargs(tmp_path / precision, tiny_prior_dir, mode="inline", every=2,
+                                                       device="cuda"))
+            model = tiny_cnn().to(device)
+            model, optimizer, loader = engine.make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+                noise_multiplier=0.5, max_grad_norm=1.0, poisson_sampling=False)
+            for x, y in loader:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                optimizer.step()
+            auditor.close()
+        finally:
+            torch.set_float32_matmul_precision("highest")  # torch's default
+        assert auditor.errors == 0 and len(auditor.records) == 2, auditor.records
+        return [any("TF32" in note for note in record.notes) for record in auditor.records]
+
+    assert notes_of_audits("high") == [True, True]
+    assert notes_of_audits("highest") == [False, False]
+
+
 def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images, steps=5,
                           auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, log_originals=False))
