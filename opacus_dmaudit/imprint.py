@@ -35,7 +35,9 @@ __all__ = ["ImprintBlock", "ImprintedModel", "cuda_matmul_allows_tf32", "image_a
 MEASUREMENTS = ("brightness", "random", "dct")
 
 MEASURE_CHUNK_PIXELS = 1 << 18  # float64 copies of at most this many pixels at a time (2 MiB: ×5 faster than 128)
-ROW_ROUNDING_ULPS = 8  # how far the rows' float32 rounding can move a measurement, in ulps of the largest one
+# How far the rows' float32 rounding can move a measurement, in float32 ulps of the largest one: at most 6.3 measured
+# (every row of 2,000 Fashion-MNIST images, and of 512 3×64×64 ones, against float64).
+ROW_ROUNDING_ULPS = 8
 
 
 def image_argument(args: tuple, kwargs: dict) -> int | str | None:
