@@ -61,12 +61,13 @@ def test_noise_free_step_returns_batch_images_exactly(fashion_images, structure)
 
 @pytest.mark.parametrize("structure", ["sparse", "cumulative"])
 def test_images_are_matched_with_the_samples_the_rows_hold_where_rounding_moves_them(fashion_images, structure):
-    # Every sample sits a hair (1e-9 bin widths) above an edge of its own bin: its float64 measurement puts it alone
-    # in that bin, while the float32 rows put it there, in the bin below, in both (sparse) or in neither.
+    # Every sample sits on an edge of a bin of its own (1e-9 bin widths below it, then rounded to the float32 edges):
+    # which side the float64 measurement and the float32 rows each put it on is rounding's call, so the rows put most
+    # samples in another bin than the measurement does, in two (sparse) or in none.
     engine, block, model, optimizer, loader = _private_imprinted_model(fashion_images[:64], sigma=0.0,
                                                                      structure=structure, bins=64)
     x, y = next(iter(loader))
-    measured, _ = torch.sort(block.measure(x).double())
+    measured = torch.sort(block.measure(x)).values
     width = float(measured[-1] - measured[0]) / 64
     block.set_edges(torch.cat([measured[:1] - width, measured[1:] - 1e-9 * width, measured[-1:] + width]))
     # The rows a sample's gradient reaches: a non-zero derivative of the block's activation (clamp's at its bounds is
