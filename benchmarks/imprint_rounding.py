@@ -40,13 +40,13 @@ def count(block, images: torch.Tensor, *, batch: int, arithmetic: str, device: t
     weight, bias = block.imprint.weight.detach().to(device), block.imprint.bias.detach().to(device)
     if emulate_tf32:
         weight = tf32(weight)
+    # TF32 on for the real TF32 rows only: "float32" and the emulation multiply in float32.
+    torch.set_float32_matmul_precision("high" if arithmetic == "tf32" else "highest")
     moved = mixtures = audited = 0
     for start in range(0, images.shape[0] - batch + 1, batch):
         x = images[start:start + batch]
         flat = x.flatten(1).to(device)
         flat = tf32(flat) if emulate_tf32 else flat
-        # TF32 on for the real TF32 rows only: "float32" and the emulation multiply in float32.
-        torch.set_float32_matmul_precision("high" if arithmetic == "tf32" else "highest")
         rows = (flat @ weight.T + bias).cpu()
         shown = (rows > 0) & (rows < 1)  # the sparse rows with a non-zero derivative
         measured = block.assign_bins(x)
