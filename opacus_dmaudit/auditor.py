@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from opacus_dmaudit.bounds import estimate_kappa, history_epsilon, rero_bound_gdp
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
-                                    chain_step_hook)
+                                    chain_step_hook, released_noise_multiplier)
 from opacus_dmaudit.data import denormalize
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument, tf32_rows_note
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
@@ -134,6 +134,7 @@ class _Job:
     max_grad_norm: float
     expected_batch_size: int
     loss_reduction: str
+    released_noise_multiplier: float  # the gradients' noise, noise_multiplier but for adaptive clipping
 
 
 @dataclass
@@ -456,9 +457,11 @@ class DMAuditor:
 
         def wrapped(*args, **kwargs):
             if self.mode == "inline":
-                if kwargs.get("clipping", "flat") != "flat":
+                # Adaptive clipping is flat clipping whose norm moves between steps: the ratio holds.
+                if kwargs.get("clipping", "flat") not in ("flat", "adaptive"):
                     raise PerLayerClippingError(
-                        f"DMAuditor(mode='inline') needs flat clipping, got clipping={kwargs['clipping']!r}: "
+                        f"DMAuditor(mode='inline') needs flat clipping ('flat' or 'adaptive'), got "
+                        f"clipping={kwargs['clipping']!r}: "
                         "per-layer clipping scales an image row and its bias differently; use mode='shadow'"
                     )
                 module, optimizer = kwargs.get("module"), kwargs.get("optimizer")
@@ -708,6 +711,7 @@ class DMAuditor:
             max_grad_norm=float(optimizer.max_grad_norm),
             expected_batch_size=int(optimizer.expected_batch_size or len(pending[0])),
             loss_reduction=optimizer.loss_reduction,
+            released_noise_multiplier=released_noise_multiplier(optimizer),
         )
         try:
             self._queue.put_nowait(job)
@@ -812,7 +816,7 @@ class DMAuditor:
             self._shadow = self._shadow_imprint(job)
             self.block = self._shadow.block
         # The user's run may change these (e.g. a noise schedule); follow it.
-        captured = self._shadow.step(attacked, noise_multiplier=job.noise_multiplier,
+        captured = self._shadow.step(attacked, noise_multiplier=job.released_noise_multiplier,
                                      max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size)
         return captured, self._shadow.block
 
@@ -822,7 +826,7 @@ class DMAuditor:
         def shadow_imprint(calibration: torch.Tensor) -> ShadowImprint:
             return ShadowImprint(calibration=calibration, bins=self.bins, structure=self.structure,
                                  measurement=self.measurement, gain=self.gain,
-                                 noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
+                                 noise_multiplier=job.released_noise_multiplier, max_grad_norm=job.max_grad_norm,
                                  expected_batch_size=job.expected_batch_size, loss_reduction=job.loss_reduction,
                                  seed=self.seed)
 
@@ -890,6 +894,10 @@ class DMAuditor:
                     noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
                     epsilon=self._epsilon(job.history, notes), delta=self.delta,
                     mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
+        if job.released_noise_multiplier != job.noise_multiplier:
+            notes.append(f"adaptive clipping: the gradients carry noise multiplier {job.released_noise_multiplier:.4g}"
+                         f" at this step's clipping norm {job.max_grad_norm:.4g}; the accountant's "
+                         f"{job.noise_multiplier:.4g} also pays for the noised count of unclipped samples")
 
         def nothing_recovered(collisions: int) -> AuditRecord:
             record = AuditRecord(recovered=0, collisions=collisions, noise_std_median=None, t_start_median=None,

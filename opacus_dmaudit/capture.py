@@ -9,6 +9,7 @@ the clean clipped sum that the oracle noise level needs.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["CapturedGradients", "ChainHandle", "GradientCapture", "PerLayerClippingError", "chain_pre_step",
-           "chain_step_hook"]
+           "chain_step_hook", "released_noise_multiplier"]
 
 
 class PerLayerClippingError(ValueError):
@@ -34,7 +35,8 @@ class CapturedGradients:
         bias: the same for the bias, shape ``K``.
         clean_weight: the clipped sum before noise (``p.summed_grad``), or ``None`` when not kept.
         clean_bias: likewise for the bias.
-        coordinate_noise_std: std of the noise added to every coordinate of the sums, ``sigma * C``.
+        coordinate_noise_std: std of the noise added to every coordinate of the sums, ``sigma * C``
+            (:func:`released_noise_multiplier` times the step's clipping norm).
         step: the optimizer step counter (1-based) at capture.
     """
 
@@ -108,6 +110,35 @@ def chain_pre_step(optimizer, fn: Callable) -> ChainHandle:
     return _chain(optimizer, "pre_step", make_link)
 
 
+def released_noise_multiplier(optimizer) -> float:
+    """The std of the noise a DP optimizer adds to each coordinate of its clipped sum, in units of ``max_grad_norm``.
+
+    That is ``optimizer.noise_multiplier``, except under adaptive clipping (``clipping="adaptive"``, Andrew et al.
+    2021): its optimizer also releases a noised count of unclipped samples, and so noises the gradients with
+    ``(sigma^-2 - (2 sigma_u)^-2)^(-1/2)`` (``sigma_u``: ``unclipped_num_std``) for the two releases to add up to
+    ``sigma``. Opacus >= 1.6 keeps ``sigma`` in ``noise_multiplier`` (the accountant's) and adjusts in ``add_noise``;
+    older releases store the adjusted value in ``noise_multiplier`` itself.
+    """
+    sigma = float(optimizer.noise_multiplier)
+    from opacus.optimizers import AdaClipDPOptimizer
+
+    if not isinstance(optimizer, AdaClipDPOptimizer) or sigma <= 0 or _adaptive_clipping_stores_adjusted_sigma():
+        return sigma
+    return (sigma ** -2 - (2 * float(optimizer.unclipped_num_std)) ** -2) ** -0.5
+
+
+@functools.lru_cache(maxsize=None)
+def _adaptive_clipping_stores_adjusted_sigma() -> bool:
+    """Whether this Opacus's ``AdaClipDPOptimizer`` replaces ``noise_multiplier`` by the adjusted one, asked of the
+    class itself (a throwaway instance) rather than of a version number."""
+    from opacus.optimizers import AdaClipDPOptimizer
+
+    probe = AdaClipDPOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), noise_multiplier=1.0,
+                               target_unclipped_quantile=0.5, clipbound_learning_rate=0.0, max_clipbound=2.0,
+                               min_clipbound=0.5, unclipped_num_std=1.0, max_grad_norm=1.0, expected_batch_size=1)
+    return float(probe.noise_multiplier) != 1.0
+
+
 def _is_distributed(optimizer) -> bool:
     from opacus.optimizers import DistributedDPOptimizer
 
@@ -133,7 +164,7 @@ class GradientCapture:
     """Chains a ``DPOptimizer``'s step hook to capture an imprint layer's released gradients.
 
     Args:
-        optimizer: the Opacus ``DPOptimizer`` (flat clipping).
+        optimizer: the Opacus ``DPOptimizer`` (flat or adaptive clipping).
         layer: the imprint ``nn.Linear`` (its parameters must be among the optimizer's).
         should_capture: called with the step number; capture only when it returns True (default: every step).
         on_capture: called with each :class:`CapturedGradients`, on the training thread; keep it short.
@@ -217,7 +248,8 @@ class GradientCapture:
             bias=tensors[1],
             clean_weight=tensors[2] if self.keep_clean else None,
             clean_bias=tensors[3] if self.keep_clean else None,
-            coordinate_noise_std=float(optimizer.noise_multiplier * optimizer.max_grad_norm),
+            # Read inside the step: adaptive clipping moves max_grad_norm only after this hook.
+            coordinate_noise_std=released_noise_multiplier(optimizer) * float(optimizer.max_grad_norm),
             step=self.steps,
         )
         self.latest = captured

@@ -399,6 +399,42 @@ def test_inline_refuses_per_layer_clipping(tmp_path, fashion_images, tiny_prior_
     assert "never attached" not in caplog.text
 
 
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_adaptive_clipping_is_audited_at_the_noise_and_norm_of_each_step(tmp_path, fashion_images, tiny_prior_dir,
+                                                                         mode):
+    # Adaptive clipping noises the gradients with (sigma^-2 - (2 sigma_u)^-2)^(-1/2), 15% above sigma at
+    # sigma = sigma_u = 1, and moves the clipping norm after every step.
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(fashion_images, torch.randint(0, 10, (256,))), batch_size=64)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=2))
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, clipping="adaptive",
+        target_unclipped_quantile=0.5, clipbound_learning_rate=0.5, max_clipbound=10.0, min_clipbound=0.01,
+        unclipped_num_std=1.0)
+    norms = []
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        norms.append(float(optimizer.max_grad_norm))  # the norm this step clips to
+        optimizer.step()
+    auditor.close()
+    assert auditor.errors == 0 and [r.step for r in auditor.records] == [2, 4]
+    released = 1.0 if float(optimizer.noise_multiplier) != 1.0 else (1.0 - 0.25) ** -0.5  # opacus < 1.6 stores it
+    assert len(set(norms)) == 4
+    last = auditor.records[-1]
+    assert last.max_grad_norm == pytest.approx(norms[3])
+    captured = (auditor._capture if mode == "inline" else auditor._shadow.capture).latest
+    assert captured.coordinate_noise_std == pytest.approx(float(optimizer.noise_multiplier) * released * norms[3])
+    # What the step really added: 10,000s of coordinates pin its std to about 1%.
+    noise = torch.cat([(captured.weight - captured.clean_weight).flatten(), captured.bias - captured.clean_bias])
+    assert float(noise.std()) == pytest.approx(captured.coordinate_noise_std, rel=0.03)
+    assert ("adaptive clipping: the gradients carry noise multiplier 1.155" in " ".join(last.notes)) == (released > 1)
+
+
 def test_audit_errors_never_reach_training(tmp_path, fashion_images, tiny_prior_dir, caplog):
     # Two normalisation stds for one channel: every audit fails inside the worker, training must not notice.
     kwargs = audit_kwargs(tmp_path, tiny_prior_dir, input_mean=0.5, input_std=[0.5, 0.5])
