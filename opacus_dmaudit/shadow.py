@@ -28,8 +28,10 @@ from opacus_dmaudit.imprint import ImprintBlock
 
 __all__ = ["ShadowImprint", "SHADOW_GAIN"]
 
-# The frozen read-out makes torch note that no input requires gradients; expected here, and harmless.
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+# The shadow model's input needs no gradient, so torch notes, at each backward pass here, that no input requires one:
+# expected, and harmless. Only for the passes of this module: the same note about the user's own model stays theirs.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning,
+                        module=r"opacus_dmaudit\.shadow\Z")
 
 SHADOW_GAIN = 1e6  # large enough that the imprint rows take (almost) all of each sample's clipping budget
 
