@@ -380,6 +380,7 @@ class DMAuditor:
         self._stopped = False
         self._inside_make_private = False
         self._make_private_error: str | None = None  # why the last make_private raised, for close() to say
+        self._superseded = False  # a later auditor took this one's place on the engine before it was attached
         self._imprint_cut = False  # inline: the step being built gave the imprint no gradient (filled with zeros)
         # Inline under torch.distributed: every rank joins the capture's collectives; rank 0 audits.
         self._distributed_inline = mode == "inline" and torch.distributed.is_available() and \
@@ -424,6 +425,13 @@ class DMAuditor:
             # An engine used for another run keeps the last auditor's wrapper: this auditor takes its place rather
             # than stacking on it (the old one would try to attach a second time).
             while getattr(original, "_dmauditor", None) is not None:
+                earlier = original._dmauditor
+                if earlier._model is None and not earlier._closed and not earlier._superseded:
+                    # Two auditors made for one run (a notebook cell run twice, say): the earlier audits nothing.
+                    earlier._superseded = True
+                    logger.warning("opacus_dmaudit: this DMAuditor takes the place, on the same privacy engine, of "
+                                   "one created earlier and not yet attached, which will audit nothing; close() "
+                                   "the earlier one (one auditor per engine and run)")
                 original = original.__wrapped__
             wrapper = self._wrap_make_private(original)
             setattr(engine, name, wrapper)
@@ -1100,6 +1108,9 @@ class DMAuditor:
             # Not the late-auditor mistake below: the user's script saw this exception already.
             logger.warning("opacus_dmaudit: this DMAuditor audited nothing: privacy_engine.make_private raised %s",
                            self._make_private_error)
+        elif self._model is None and wait and self._superseded:
+            logger.warning("opacus_dmaudit: this DMAuditor audited nothing: a DMAuditor created after it on the same "
+                           "privacy engine took its place before make_private was called")
         elif self._model is None and wait:
             # The one mistake that leaves no other trace: an auditor created after make_private audits nothing.
             logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "

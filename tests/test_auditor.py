@@ -1033,3 +1033,30 @@ def test_an_engine_used_for_a_second_run_takes_the_new_auditor(tmp_path, fashion
     assert [len(a.records) for a in (first, second, third)] == [2, 2, 2] and second.errors == third.errors == 0
     assert {r.mode for r in third.records} == {"inline"}
     assert "make_private" not in vars(engine) and "make_private_with_epsilon" not in vars(engine)
+
+
+def test_an_auditor_replaced_before_make_private_says_so(tmp_path, fashion_images, tiny_prior_dir, caplog):
+    # A notebook cell run twice makes two auditors for one run: the earlier one names what happened.
+    engine = PrivacyEngine(accountant="rdp")
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        earlier = DMAuditor(engine, **audit_kwargs(tmp_path / "1", tiny_prior_dir, every=1))
+        assert caplog.text == ""
+        later = DMAuditor(engine, **audit_kwargs(tmp_path / "2", tiny_prior_dir, every=1))
+        assert caplog.text.count("takes the place, on the same privacy engine, of one created earlier") == 1
+        model = tiny_cnn()
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False,
+            data_loader=torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(fashion_images[:32], torch.zeros(32, dtype=torch.long)),
+                batch_size=32))
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        caplog.clear()
+        earlier.close()
+        later.close()
+    assert "audited nothing: a DMAuditor created after it on the same privacy engine took its place" in caplog.text
+    assert "never attached" not in caplog.text and "takes the place" not in caplog.text
+    assert len(earlier.records) == 0 and len(later.records) == 1
