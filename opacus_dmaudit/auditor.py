@@ -127,7 +127,8 @@ class AuditRecord:
 @dataclass
 class _Job:
     step: int
-    batch: torch.Tensor
+    batch: torch.Tensor  # the images the audit needs: in shadow mode the first `bins` of the step's batch
+    batch_size: int  # the step's whole batch
     captured: CapturedGradients | None
     history: list
     noise_multiplier: float
@@ -372,7 +373,8 @@ class DMAuditor:
         self._intercepted: list[tuple[str, Callable, Callable]] = []  # (method name, wrapper, what it wraps)
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
-        self._pending: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor] = []  # the audited step's copied images, forward by forward
+        self._pending_sizes: list[int] = []  # the images each of those forwards had (shadow mode copies fewer)
         self._warned: set[str] = set()  # what the user has been told once already (logger warnings)
         self._steps = 0
         self._handles: list[Any] = []
@@ -634,9 +636,18 @@ class DMAuditor:
                             "image batches N×C×H×W: feed the images unflattened and flatten inside the model (e.g. "
                             "nn.Flatten()); these steps are not audited")
         elif batch is not None:
-            # The only work on the training thread: one copy of the batch.
-            self._pending.append(batch.detach().to("cpu", copy=True))
+            # The only work on the training thread: one copy of the images the audit needs.
+            self._pending.append(batch[: self._images_to_copy()].detach().to("cpu", copy=True))
+            self._pending_sizes.append(int(batch.shape[0]))
         self._hook_seconds += time.perf_counter() - started
+
+    def _images_to_copy(self) -> int | None:
+        """How many images of this forward's batch the audit needs (None: all). Inline mode attacks the whole batch;
+        shadow mode its first ``bins`` images, so it copies no more (for 256 images of 3×224×224 at 64 bins, 23 ms
+        instead of 89 on a 2-core CPU), except until its imprint exists, which may be calibrated on that batch."""
+        if self.mode == "inline" or self._shadow is None:
+            return None
+        return max(0, self.bins - sum(len(images) for images in self._pending))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -680,6 +691,7 @@ class DMAuditor:
     def _enqueue(self, step: int) -> None:
         self._steps = step
         pending, self._pending = self._pending, []
+        sizes, self._pending_sizes = self._pending_sizes, []
         cut, self._imprint_cut = self._imprint_cut, False
         if not self._is_audited(step):
             return
@@ -691,6 +703,7 @@ class DMAuditor:
             if not self.active or self._stopped:
                 return
             pending = [t for t in gathered if t is not None and t.numel()]
+            sizes = [len(t) for t in pending]  # inline mode copies whole batches
         if cut:
             self._warn_once("gradient cut", f"step {step} was due for an audit, but no gradient reached the imprint "
                             "block in front of the model: its forward cuts the gradient to its input (a detach() or "
@@ -712,12 +725,13 @@ class DMAuditor:
             return  # the capture failed, and was counted and logged where it did
         job = _Job(
             step=step,
-            batch=torch.cat(pending),
+            batch=pending[0] if len(pending) == 1 else torch.cat(pending),  # one forward: no second copy
             captured=captured,
             history=list(getattr(accountant, "history", [])),
             noise_multiplier=float(optimizer.noise_multiplier),
             max_grad_norm=float(optimizer.max_grad_norm),
-            expected_batch_size=int(optimizer.expected_batch_size or len(pending[0])),
+            batch_size=sum(sizes),
+            expected_batch_size=int(optimizer.expected_batch_size or sizes[0]),
             loss_reduction=optimizer.loss_reduction,
             released_noise_multiplier=released_noise_multiplier(optimizer),
         )
@@ -898,7 +912,7 @@ class DMAuditor:
         """The attack up to the noisy images: the shadow step or the captured gradients, then recovery."""
         started = time.perf_counter()
         notes: list[str] = []
-        base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=int(job.batch.shape[0]),
+        base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=job.batch_size,
                     noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
                     epsilon=self._epsilon(job.history, notes), delta=self.delta,
                     mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)

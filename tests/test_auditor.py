@@ -379,6 +379,33 @@ def test_a_batch_larger_than_the_bins_is_attacked_in_as_many_images_as_there_are
     assert auditor.records[0].attacked == 256 and auditor.records[0].recovered <= 2
 
 
+def test_shadow_mode_copies_only_the_images_it_attacks_once_its_imprint_exists(tmp_path, fashion_images,
+                                                                              tiny_prior_dir):
+    audited = threading.Event()
+    queued = []
+    model, optimizer, loader, auditor = private_run(
+        fashion_images, batch=128, sigma=0.5,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, bins=32, every=1, on_audit=lambda r: audited.set()))
+    put = auditor._queue.put_nowait
+
+    def recording(job):
+        queued.append((len(job.batch), job.batch_size))
+        put(job)
+
+    auditor._queue.put_nowait = recording
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            assert audited.wait(timeout=120)  # the worker has run this audit, and made its imprint at the first
+            audited.clear()
+    auditor.close()
+    # The first audited batch is copied whole (the shadow imprint may be calibrated on it); then the first 32 images.
+    assert queued == [(128, 128)] + [(32, 128)] * 3
+    assert [(r.batch_size, r.attacked) for r in auditor.records] == [(128, 32)] * 4 and auditor.errors == 0
+
+
 def test_empty_poisson_batches_and_batch_memory_manager(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images[:64], batch=2, poisson=True, steps=20,
                           auditor_kwargs=audit_kwargs(tmp_path / "p", tiny_prior_dir))
