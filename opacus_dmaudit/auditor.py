@@ -83,8 +83,30 @@ class AuditRecord:
     """One audit step, as written to ``audits.jsonl`` (where non-finite numbers, such as the infinite ``epsilon`` of a
     run without noise, are written as null).
 
-    ``batch_size`` is the audited batch's size, ``attacked`` how many of its images the imprint attacked (the whole
-    batch inline; at most ``bins`` in shadow mode), ``recovered`` how many of those were alone in their bin."""
+    Attributes:
+        step: the optimizer step audited (1-based, real steps only).
+        mode / scale: the auditor's ``mode`` and how the attacker fixed each image's scale.
+        batch_size: the audited step's batch (all its forwards).
+        attacked: how many of its images the imprint attacked (the whole batch inline; at most ``bins`` in shadow
+            mode).
+        recovered: how many of those were alone in their bin, and so recovered and reconstructed.
+        collisions: bins that held two or more images (recovered as none of them).
+        noise_multiplier / max_grad_norm: the step's sigma (the accountant's) and clipping norm.
+        epsilon / delta: the accountant's epsilon after this step at ``delta`` (None when it has none).
+        mu_step: 1/sigma, the attacked step's Gaussian mechanism as mu-GDP (None without noise).
+        noise_std_median: the recovered images' per-pixel noise std in pixel units, median over the images.
+        t_start_median: the prior's matched start timestep t*, median over the images.
+        from_prior: images whose noise exceeded the prior's last timestep: their reconstruction is a prior sample.
+        noisy / reconstructed: mean ``mse``, ``psnr`` (dB), ``ssim`` and ``lpips`` (None without its weights) of
+            the recovered images and of their reconstructions, against the training images.
+        success: ``"<metric>@<eta>"``: the fraction of reconstructions within eta of their training image.
+        seconds: the worker's wall time from the audit's recovery to its scoring (the pass of the prior it shared
+            included).
+        audits_in_pass: how many audits shared that pass of the prior (``batch_audits``).
+        notes: what the figures need said beside them (wrong pixel units, lost colour, another accountant's epsilon).
+        kappa: per ``success`` key, how often a draw from the prior alone is within eta of an audited image.
+        rero_bound: per ``success`` key, the highest success rate DP allows any attacker of this step at that kappa.
+    """
 
     step: int
     mode: str

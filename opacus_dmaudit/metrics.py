@@ -44,19 +44,36 @@ def _check_pair(prediction: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per image."""
+    """Mean squared error per image.
+
+    Args:
+        prediction: images N×C×H×W (reconstructions, or noisy images).
+        target: the original images, same shape.
+    """
     _check_pair(prediction, target)
     return (prediction.double() - target.double()).pow(2).flatten(1).mean(1)
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image in dB (``inf`` for identical images)."""
+    """Peak signal-to-noise ratio per image in dB (``inf`` for identical images).
+
+    Args:
+        prediction: images N×C×H×W (reconstructions, or noisy images).
+        target: the original images, same shape.
+        data_range: the pixel range (1 for images in [0, 1]).
+    """
     error = mse(prediction, target)
     return 10.0 * torch.log10(data_range**2 / error)
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity per image (scikit-image, Gaussian-free 7×7 window, ``data_range`` 1)."""
+    """Structural similarity per image (scikit-image, Gaussian-free 7×7 window, ``data_range`` 1).
+
+    Args:
+        prediction: images N×C×H×W (reconstructions, or noisy images).
+        target: the original images, same shape.
+        data_range: the pixel range (1 for images in [0, 1]).
+    """
     from skimage.metrics import structural_similarity
 
     _check_pair(prediction, target)
@@ -123,7 +140,11 @@ def lpips_distance(
     """LPIPS-VGG distance per image, or ``None`` when the VGG16 weights are not available (see :func:`lpips_status`).
 
     Args:
+        prediction: images N×C×H×W (reconstructions, or noisy images).
+        target: the original images, same shape.
         random_backbone: use an untrained VGG16 (tests only: the values are not LPIPS).
+        batch_size: image pairs per VGG16 pass.
+        device: where the network runs (default: the images' device).
     """
     _check_pair(prediction, target)
     if not random_backbone and not lpips_status().available:
@@ -148,6 +169,7 @@ class ImageMetrics:
     Args:
         metrics: names from ``METRICS``.
         lpips_random_backbone: tests only; see :func:`lpips_distance`.
+        device: where LPIPS runs (default: the images' device).
     """
 
     metrics: Sequence[str] = METRICS
