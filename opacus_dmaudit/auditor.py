@@ -397,6 +397,7 @@ class DMAuditor:
         self._capture: GradientCapture | None = None
         self._pending: list[torch.Tensor] = []  # the audited step's copied images, forward by forward
         self._pending_sizes: list[int] = []  # the images each of those forwards had (shadow mode copies fewer)
+        self._copy_failed = False  # a copy of this step's batch failed (and was counted and logged)
         self._warned: set[str] = set()  # what the user has been told once already (logger warnings)
         self._steps = 0
         self._handles: list[Any] = []
@@ -651,6 +652,15 @@ class DMAuditor:
         if not (module.training and torch.is_grad_enabled()) or not self._is_audited(self._steps + 1):
             return
         started = time.perf_counter()
+        try:
+            self._copy_batch(args, kwargs)
+        except Exception:  # it runs inside the user's forward: count and log it, never raise it there
+            self._copy_failed = True
+            self._failed()
+        finally:
+            self._hook_seconds += time.perf_counter() - started
+
+    def _copy_batch(self, args: tuple, kwargs: dict) -> None:
         where = image_argument(args, kwargs)
         batch = None if where is None else (args[where] if isinstance(where, int) else kwargs[where])
         if batch is not None and batch.ndim != 4:
@@ -661,7 +671,6 @@ class DMAuditor:
             # The only work on the training thread: one copy of the images the audit needs.
             self._pending.append(batch[: self._images_to_copy()].detach().to("cpu", copy=True))
             self._pending_sizes.append(int(batch.shape[0]))
-        self._hook_seconds += time.perf_counter() - started
 
     def _images_to_copy(self) -> int | None:
         """How many images of this forward's batch the audit needs (None: all). Inline mode attacks the whole batch;
@@ -714,6 +723,7 @@ class DMAuditor:
         self._steps = step
         pending, self._pending = self._pending, []
         sizes, self._pending_sizes = self._pending_sizes, []
+        copy_failed, self._copy_failed = self._copy_failed, False
         cut, self._imprint_cut = self._imprint_cut, False
         if not self._is_audited(step):
             return
@@ -732,6 +742,8 @@ class DMAuditor:
                             "a rounding, say), so mode='inline' sees only noise there; these steps are not audited "
                             "(training goes on): use mode='shadow' for this model")
             return
+        if copy_failed:
+            return  # its batch is not whole
         if not pending:
             if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
                 self._warn_once("no batch", f"step {step} was due for an audit, but no training forward of the "

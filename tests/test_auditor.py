@@ -1031,6 +1031,28 @@ def test_an_audit_that_fails_on_the_training_thread_never_reaches_the_training_l
         ImprintBlock(image_shape=(1, 28, 28))(padded)
 
 
+class NoCopies(torch.Tensor):
+    """An input that refuses to be copied off its device (a stand-in for any copy that fails)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            raise RuntimeError("this tensor cannot be copied")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_batch_the_auditor_cannot_copy_never_stops_the_forward(tmp_path, fashion_images, tiny_prior_dir, caplog):
+    model, optimizer, loader, auditor = private_run(fashion_images[:64], batch=32, sigma=1.0,
+                                                    auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=1))
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"), auditor:
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x.as_subclass(NoCopies)), y).backward()
+            optimizer.step()
+    assert auditor._steps == 2 and auditor.errors == 2 and not auditor.records
+    assert "this tensor cannot be copied" in caplog.text and "nothing to audit" not in caplog.text
+
+
 def test_an_engine_used_for_a_second_run_takes_the_new_auditor(tmp_path, fashion_images, tiny_prior_dir):
     engine = PrivacyEngine(accountant="rdp")
     labels = torch.zeros(64, dtype=torch.long)
