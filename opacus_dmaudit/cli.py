@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50)")
     sweep.add_argument("--limit", type=_positive_int, default=256, help="attack the first N images (default 256)")
     sweep.add_argument("--links", type=_positive_int, default=1, help="average a sample over this many steps")
+    sweep.add_argument("--scale", choices=RECOVERY_SCALES, default="oracle",
+                       help="how the attacker fixes each image's scale: oracle (the clean clipped sum, the paper's "
+                            "worst case; default), bin-measurement or noisy-bias (the attacker's own estimates)")
+    sweep.add_argument("--estimate-noise", action="store_true",
+                       help="reconstruct from noise stds estimated from the images (unknown variance) instead of the "
+                            "known ones")
     sweep.add_argument("--kappa-samples", type=_positive_int, default=64, help="prior draws for the baseline kappa")
     sweep.add_argument("--success-metric", choices=("mse", "ssim", "lpips"), default="ssim",
                        help="the error a success is judged by (default ssim; lpips needs the VGG16 weights)")
@@ -245,6 +251,7 @@ def _sweep(args: argparse.Namespace) -> int:
         noise_multipliers=args.noise_multipliers or (0.3, 1.0, 3.0), target_epsilons=args.target_epsilons,
         sample_rate=args.sample_rate, epochs=args.epochs, delta=args.delta, max_grad_norm=args.max_grad_norm,
         batch_size=args.batch_size, bins=args.bins, sampler=args.sampler, steps=args.steps, links=args.links,
+        scale=args.scale, estimate_noise=args.estimate_noise,
         kappa_samples=args.kappa_samples, success_metric=args.success_metric, success_eta=args.success_eta,
         target_success=args.target_success, seed=args.seed,
     )
@@ -285,6 +292,8 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# recovery.SCALES, spelled out so that --help needs no torch (tested equal)
+RECOVERY_SCALES = ("oracle", "bin-measurement", "noisy-bias")
 _SAMPLER_HELP = "ddim (default, --steps steps from t*) or ddpm (every step from t*, as in the paper)"
 _EAGER_HELP = "no speed options (fp32, eager, no CUDA graphs); default on CUDA: bf16, compiled, CUDA graphs"
 _PICKLE_HELP = ("read Python pickles from trusted sources (they can run code when read): .bin prior checkpoints, "

@@ -28,7 +28,8 @@ from opacus_dmaudit.bounds import (estimate_kappa, mu_gdp, noise_multiplier_for_
 from opacus_dmaudit.data import adapt_to_prior
 from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, success_rates, summarize
 from opacus_dmaudit.prior import DiffusionPrior
-from opacus_dmaudit.recovery import recover_images
+from opacus_dmaudit.noise import estimate_noise_std
+from opacus_dmaudit.recovery import SCALES, recover_images
 from opacus_dmaudit.report import (image_grid, make_private_dir, protect_tree, save_image_grid, write_json,
                                    write_private_bytes)
 from opacus_dmaudit.shadow import ShadowImprint
@@ -47,6 +48,10 @@ class SweepConfig:
         noise_multipliers: the sigmas to sweep (or give ``target_epsilons``).
         target_epsilons: epsilons for the schedule; each becomes the sigma that reaches it by Opacus's PRV accountant
             (by its RDP accountant where the PRV grid would not fit in memory, see ``bounds.PRV_MAX_GRID_POINTS``).
+        scale: how the attacker fixes each recovered image's scale (``recovery.SCALES``): ``"oracle"``, the clean
+            clipped sum (the seed paper's worst case), or an attacker's own estimate.
+        estimate_noise: reconstruct from noise levels the attacker estimates from each image (scikit-image
+            ``estimate_sigma``) rather than the known ones; the entries' ``noise_std`` stays the known noise.
         success_metric / success_eta / target_success: the recommendation is the smallest sigma whose success rate
             (error within eta) stays at or below ``target_success``.
     """
@@ -63,6 +68,7 @@ class SweepConfig:
     steps: int = 50
     links: int = 1
     scale: str = "oracle"
+    estimate_noise: bool = False
     kappa_samples: int = 64
     success_metric: str = "ssim"
     success_eta: float = 0.5
@@ -80,6 +86,8 @@ class SweepConfig:
             raise ValueError(f"noise multipliers must be positive, got {list(self.noise_multipliers)}")
         if self.target_epsilons is not None and any(not e > 0 for e in self.target_epsilons):
             raise ValueError(f"target epsilons must be positive, got {list(self.target_epsilons)}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.success_metric not in SUCCESS_THRESHOLDS:
             raise ValueError(f"success_metric must be one of {', '.join(SUCCESS_THRESHOLDS)}")
         if not self.success_eta > 0:
@@ -118,6 +126,7 @@ class SweepEntry:
     links: int
     n_images: int
     noise_std: dict[str, float]
+    noise_std_estimated: dict[str, float] | None  # with estimate_noise: the attacker's estimates, same quantiles
     t_start_median: float
     noisy: dict[str, float | None]
     reconstructed: dict[str, float | None]
@@ -176,7 +185,10 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
     started = time.perf_counter()
     noisy, stds, owners = _attack(images, sigma, index, config)
     originals = images[owners]
-    output = prior.reconstruct(noisy, stds, sampler=config.sampler, steps=config.steps, seed=config.seed + index)
+    # The unknown-variance attacker reads the noise level off each image (the estimate sees the unclamped pixels).
+    estimated = estimate_noise_std(noisy) if config.estimate_noise and noisy.shape[0] else None
+    output = prior.reconstruct(noisy, stds if estimated is None else estimated, sampler=config.sampler,
+                               steps=config.steps, seed=config.seed + index)
     noisy_values = metrics(noisy.clamp(0, 1), originals)
     recon_values = metrics(output.images, originals)
     epsilons = schedule_epsilon(noise_multiplier=sigma, sample_rate=config.sample_rate, steps=steps_total,
@@ -188,14 +200,20 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
                                            steps=steps_total, kappa=k)
         except RuntimeError:  # Opacus's PRV discretisation fails at tiny noise multipliers
             bounds[key] = None
-    quantiles = torch.quantile(stds, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist() \
-        if stds.numel() else [math.nan] * 3
+
+    def quantiles(values: torch.Tensor) -> dict[str, float]:
+        levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+        figures = torch.quantile(values.double(), levels).tolist() if values.numel() else [math.nan] * 3
+        return dict(zip(("q10", "median", "q90"), figures))
+
     entry = SweepEntry(
         noise_multiplier=sigma,
         epsilon=epsilons["prv"] if epsilons["prv"] is not None else epsilons["rdp"],
         epsilon_rdp=epsilons["rdp"], epsilon_prv=epsilons["prv"], delta=config.delta, mu=1.0 / sigma,
         links=config.links, n_images=int(noisy.shape[0]),
-        noise_std=dict(zip(("q10", "median", "q90"), quantiles)),
+        noise_std=quantiles(stds),
+        noise_std_estimated=None if not config.estimate_noise else quantiles(
+            estimated if estimated is not None else stds),
         t_start_median=float(output.t_start.double().median()) if noisy.shape[0] else math.nan,
         noisy=summarize(noisy_values), reconstructed=summarize(recon_values),
         success=success_rates(recon_values, config.thresholds), kappa=dict(kappa), rero_bound=bounds,
@@ -231,6 +249,15 @@ def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | 
         recommendation["message"] += (f"; no image was recovered at noise multiplier "
                                       f"{', '.join(f'{s:g}' for s in unscored)} (no bin held a single image), so it "
                                       "has no success rate: give more images or more bins")
+    estimates = [what for what, estimated in (("scale", config.scale != "oracle"),
+                                              ("noise level", config.estimate_noise)) if estimated]
+    if estimates:
+        # An attacker who estimates what the worst case knows succeeds less often: the recommended noise multiplier
+        # is safe against this attacker, not against every one.
+        recommendation["attacker"] = {"scale": config.scale, "estimate_noise": config.estimate_noise}
+        recommendation["message"] += (f"; the attacker estimates its {' and '.join(estimates)} (scale "
+                                      f"{config.scale!r}), so these success rates can understate the worst case "
+                                      "(scale 'oracle', known noise)")
     if caveat:
         # Capped scores make the attack look weaker than one with a matching prior: the recommended noise
         # multiplier may be too small, so the recommendation must not travel without this.

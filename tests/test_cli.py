@@ -100,3 +100,10 @@ def test_every_option_says_what_it_does():
     silent = [f"{name} {action.option_strings[0]}" for name, command in commands.items()
               for action in command._actions if action.option_strings and not action.help]
     assert not silent
+
+
+def test_the_scales_the_sweep_offers_are_recoverys():
+    from opacus_dmaudit.cli import RECOVERY_SCALES
+    from opacus_dmaudit.recovery import SCALES
+
+    assert RECOVERY_SCALES == SCALES

@@ -104,6 +104,43 @@ def test_linking_steps_lowers_the_noise(fashion_images, tiny_prior_dir):
     assert four.noisy["psnr"] > one.noisy["psnr"] + 2  # a quarter of the variance (clamped images: under 6 dB)
 
 
+def test_the_attacker_can_estimate_its_scale_and_noise_level(fashion_images, tiny_prior_dir):
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    base = dict(noise_multipliers=(0.05,), batch_size=32, bins=64, steps=1, kappa_samples=1)
+    worst = run_sweep(fashion_images[:32], prior, config=SweepConfig(**base))
+    scaled = run_sweep(fashion_images[:32], prior, config=SweepConfig(**base, scale="bin-measurement"))
+    attacker = run_sweep(fashion_images[:32], prior,
+                         config=SweepConfig(**base, scale="bin-measurement", estimate_noise=True))
+    assert worst.entries[0].noise_std_estimated is None and "attacker" not in worst.recommendation
+    # Rescaled by the bin's measurement, each image carries other noise than the clean sum gives it.
+    assert scaled.entries[0].noise_std["median"] != pytest.approx(worst.entries[0].noise_std["median"], rel=1e-3)
+    entry = attacker.entries[0]
+    assert entry.noise_std == scaled.entries[0].noise_std  # the known noise, whatever the attacker believes
+    # scikit-image's estimate, from the images alone, lands near the noise DP put there; t* follows it.
+    assert entry.noise_std_estimated["median"] == pytest.approx(entry.noise_std["median"], rel=0.15)
+    assert entry.noise_std_estimated != entry.noise_std
+    assert entry.t_start_median != scaled.entries[0].t_start_median
+    assert attacker.recommendation["attacker"] == {"scale": "bin-measurement", "estimate_noise": True}
+    assert "the attacker estimates its scale and noise level" in attacker.recommendation["message"]
+    with pytest.raises(ValueError, match="scale must be one of oracle, bin-measurement, noisy-bias"):
+        run_sweep(fashion_images[:8], prior, config=SweepConfig(scale="clean"))
+
+
+def test_the_command_line_takes_the_attackers_estimates(tmp_path, tiny_prior_dir):
+    out = subprocess.run([sys.executable, "-m", "opacus_dmaudit", "sweep", "--images", "fashion-mnist", "--prior",
+                          tiny_prior_dir, "--noise-multipliers", "0.05", "--limit", "32", "--batch-size", "32",
+                          "--bins", "64", "--steps", "1", "--kappa-samples", "1", "--scale", "bin-measurement",
+                          "--estimate-noise", "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    written = json.loads((tmp_path / "s" / "recommendation.json").read_text())
+    assert written["config"]["scale"] == "bin-measurement" and written["config"]["estimate_noise"] is True
+    assert written["recommendation"]["attacker"] == {"scale": "bin-measurement", "estimate_noise": True}
+    entry = json.loads((tmp_path / "s" / "sweep.json").read_text())[0]
+    assert entry["noise_std_estimated"]["median"] > 0
+    assert "the attacker estimates its scale and noise level" in out.stdout
+
+
 def test_two_processes_give_the_same_figures_as_one(tmp_path, tiny_prior_dir):
     args = ["sweep", "--images", "fashion-mnist", "--prior", tiny_prior_dir, "--noise-multipliers", "0.5", "2",
             "--limit", "32", "--batch-size", "32", "--bins", "64", "--steps", "2", "--kappa-samples", "2"]
