@@ -51,7 +51,8 @@ class SweepConfig:
         scale: how the attacker fixes each recovered image's scale (``recovery.SCALES``): ``"oracle"``, the clean
             clipped sum (the seed paper's worst case), or an attacker's own estimate.
         estimate_noise: reconstruct from noise levels the attacker estimates from each image (scikit-image
-            ``estimate_sigma``) rather than the known ones; the entries' ``noise_std`` stays the known noise.
+            ``estimate_sigma``) rather than those recovery gives (``sigma C / |scale|``: the true noise with the
+            oracle scale); the entries' ``noise_std`` stays recovery's, ``noise_std_estimated`` holds the estimates.
         success_metric / success_eta / target_success: the recommendation is the smallest sigma whose success rate
             (error within eta) stays at or below ``target_success``.
     """

@@ -115,7 +115,7 @@ def test_the_attacker_can_estimate_its_scale_and_noise_level(fashion_images, tin
     # Rescaled by the bin's measurement, each image carries other noise than the clean sum gives it.
     assert scaled.entries[0].noise_std["median"] != pytest.approx(worst.entries[0].noise_std["median"], rel=1e-3)
     entry = attacker.entries[0]
-    assert entry.noise_std == scaled.entries[0].noise_std  # the known noise, whatever the attacker believes
+    assert entry.noise_std == scaled.entries[0].noise_std  # recovery's, whatever the estimates
     # scikit-image's estimate, from the images alone, lands near the noise DP put there; t* follows it.
     assert entry.noise_std_estimated["median"] == pytest.approx(entry.noise_std["median"], rel=0.15)
     assert entry.noise_std_estimated != entry.noise_std
