@@ -400,7 +400,8 @@ def adapt_to_prior(
     if spatial == "resize" or channel == "rgb->gray":
         # Measure rather than derive: antialiased resampling and luma weights shrink white noise by amounts
         # that depend on the scale factor, and t* must match the noise the prior actually sees.
-        probe = torch.randn((16, images.shape[1], height, width), generator=torch.Generator().manual_seed(0))
+        probe = torch.randn((16, images.shape[1], height, width), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float32)
         mapped = _map_channels(probe, channels)
         if spatial == "resize":
             mapped = _resize(mapped, resolution)

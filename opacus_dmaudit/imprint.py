@@ -136,9 +136,9 @@ def measurement_vector(kind: str | torch.Tensor, *, image_shape: Sequence[int], 
         if vector.numel() != size:
             raise ValueError(f"measurement vector has {vector.numel()} values, images have {size} pixels")
     elif kind == "brightness":
-        vector = torch.ones(size)
+        vector = torch.ones(size, dtype=torch.float32)
     elif kind == "random":
-        vector = torch.randn(size, generator=torch.Generator().manual_seed(seed))
+        vector = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     elif kind == "dct":
         columns = torch.arange(width, dtype=torch.float64)
         mode = torch.cos(torch.pi * (columns + 0.5) / width)
@@ -191,13 +191,14 @@ class ImprintBlock(nn.Module):
         self.structure = structure
         self.gain = float(gain)
         size = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
-        # skip_init: the parameters are set below, and drawing them would move the caller's global RNG.
-        self.imprint = nn.utils.skip_init(nn.Linear, size, bins)
+        # skip_init: the parameters are set below, and drawing them would move the caller's global RNG. float32
+        # whatever torch's default dtype (a process-wide setting of the user's; inline mode follows a float64 model).
+        self.imprint = nn.utils.skip_init(nn.Linear, size, bins, dtype=torch.float32)
         self.register_buffer("measurement", measurement_vector(measurement, image_shape=self.image_shape, seed=seed))
         # Until calibrated, bins split the range a unit-norm measurement of [0, 1] images can take.
         top = float(self.measurement.clamp(min=0).sum())
         bottom = float(self.measurement.clamp(max=0).sum())
-        self.register_buffer("edges", torch.linspace(bottom, top, bins + 1))
+        self.register_buffer("edges", torch.linspace(bottom, top, bins + 1, dtype=torch.float32))
         self._set_parameters()
 
     @property

@@ -420,9 +420,9 @@ class DiffusionPrior:
     def sample(self, count: int, *, sampler: str = "ddim", steps: int = 50, seed: int | None = 0) -> torch.Tensor:
         """Unconditional samples of the prior, ``count×C×R×R`` in ``[0, 1]`` (for baseline success rates)."""
         shape = (count, self.channels, self.resolution, self.resolution)
-        infinite = torch.full((count,), float("inf"))
+        infinite = torch.full((count,), float("inf"), dtype=torch.float64)
         # An infinite noise level makes every chain start from pure noise: exactly unconditional sampling.
-        output = self.reconstruct(torch.zeros(shape), infinite.clamp(max=1e6), sampler=sampler, steps=steps, seed=seed)
+        output = self.reconstruct(torch.zeros(shape, dtype=torch.float32), infinite.clamp(max=1e6), sampler=sampler, steps=steps, seed=seed)
         return output.images
 
 
@@ -482,11 +482,11 @@ def _per_image_noise(seeds: torch.Tensor, shape: torch.Size,
                      needs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two standard normal draws of ``shape`` (padding noise, pure-noise start) from each needing image's own
     seed; zeros for the others."""
-    stacked = torch.zeros((len(seeds), 2, *shape))
+    stacked = torch.zeros((len(seeds), 2, *shape), dtype=torch.float32)
     generator = torch.Generator()
     for i in needs.nonzero().flatten().tolist():
         generator.manual_seed(int(seeds[i]))
-        stacked[i] = torch.randn((2, *shape), generator=generator)
+        stacked[i] = torch.randn((2, *shape), generator=generator, dtype=torch.float32)
     return stacked[:, 0], stacked[:, 1]
 
 

@@ -365,10 +365,11 @@ class ReverseProcess:
             raise RuntimeError("this reverse process is frozen: prepare() it before freeze()")
         count, *image = shape
         size = bucket_size(count, batch_size=batch_size, min_bucket=self.config.min_bucket)
-        x = torch.zeros((size, *image), device=self.device)
+        x = torch.zeros((size, *image), device=self.device, dtype=torch.float32)
         half = 0.5**0.5  # any valid step will do: abar_t = 0.5, then x <- x0
         plan = ReversePlan(timesteps=torch.full((1, size), 100), active=[size], stochastic=False,
-                           coefficients=torch.tensor([half, half, 1.0, 0.0, 0.0, 0.0]).repeat(1, size, 1))
+                           coefficients=torch.tensor([half, half, 1.0, 0.0, 0.0, 0.0],
+                                                     dtype=torch.float32).repeat(1, size, 1))
         self.run(x, plan, generator=None, batch_size=size)
 
     def describe(self) -> str:
@@ -434,7 +435,8 @@ class ReverseProcess:
         x = x.clone()
         for j, n in enumerate(plan.active):
             xa = x[:n]
-            noise = torch.randn(xa.shape, generator=generator, device=self.device) if plan.stochastic else zeros[:n]
+            noise = (torch.randn(xa.shape, generator=generator, device=self.device, dtype=x.dtype) if plan.stochastic
+                     else zeros[:n])
             x[:n] = self.step(xa, timesteps[j, :n], coefficients[j, :n], noise)
         return x
 
@@ -497,7 +499,7 @@ class ReverseProcess:
         # The probe's noise has its own generator: drawing it from the caller's would shift every later draw, so a
         # seeded DDPM run would differ between the first call of a shape and the next.
         probe = noise if not stochastic else torch.randn(
-            x.shape, generator=torch.Generator(device=self.device).manual_seed(0), device=self.device)
+            x.shape, generator=torch.Generator(device=self.device).manual_seed(0), device=self.device, dtype=x.dtype)
         fast = step(x, t, coefficients, probe.contiguous(memory_format=_layout(x)))
         reference = self.step(x, t, coefficients, probe.contiguous(memory_format=_layout(x)))
         error = float((fast - reference).abs().max())

@@ -64,7 +64,8 @@ class ShadowImprint:
         self.block = ImprintBlock(image_shape=tuple(calibration.shape[1:]), bins=bins, structure=structure,
                                   measurement=measurement, gain=gain, seed=seed).calibrate(calibration)
         # skip_init: ones are written below, and a random init would move the caller's global RNG.
-        readout = nn.utils.skip_init(nn.Linear, math.prod(self.block.image_shape), 1, bias=False)
+        readout = nn.utils.skip_init(nn.Linear, math.prod(self.block.image_shape), 1, bias=False,
+                                     dtype=torch.float32)
         nn.init.ones_(readout.weight)
         readout.requires_grad_(False)  # only the imprint rows are released
         self.loss_reduction = loss_reduction

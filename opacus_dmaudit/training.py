@@ -257,7 +257,7 @@ def train_prior(
         if config.flips:
             flip = torch.rand(clean.shape[0], device=device, generator=generator) < 0.5
             clean = torch.where(flip.view(-1, 1, 1, 1), clean.flip(-1), clean)
-        noise = torch.randn(clean.shape, device=device, generator=generator)
+        noise = torch.randn(clean.shape, device=device, generator=generator, dtype=clean.dtype)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=device, generator=generator)
         abar = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * clean + (1 - abar).sqrt() * noise

@@ -1053,6 +1053,64 @@ def test_a_batch_the_auditor_cannot_copy_never_stops_the_forward(tmp_path, fashi
     assert "this tensor cannot be copied" in caplog.text and "nothing to audit" not in caplog.text
 
 
+DEFAULT_DTYPE_RUN = """
+import json, sys, tempfile, warnings
+import torch, torch.nn as nn
+torch.set_default_dtype(getattr(torch, sys.argv[2]))
+from opacus import PrivacyEngine
+from opacus_dmaudit import DMAuditor
+from opacus_dmaudit.data import load_images
+from opacus_dmaudit.prior import DiffusionPrior
+warnings.filterwarnings("ignore")
+images = load_images("fashion-mnist", limit=64)
+out = {}
+for mode in ("shadow", "inline"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(64, dtype=torch.long)),
+                                         batch_size=32)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, prior=sys.argv[1], log_dir=tempfile.mkdtemp() + "/a", every=2, steps=2, mode=mode,
+                        kappa_samples=2)
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=0.5, max_grad_norm=1.0, poisson_sampling=False)
+    for _ in range(2):
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    auditor.close()
+    out[mode] = {"errors": auditor.errors, "records": [[r.recovered, r.noise_std_median, r.reconstructed["psnr"],
+                                                        r.reconstructed["ssim"], r.kappa] for r in auditor.records]}
+prior = DiffusionPrior.from_pretrained(sys.argv[1], device="cpu")
+noisy = images[:4] + 0.2 * torch.randn(images[:4].shape, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float32)
+out["ddpm"] = float(prior.reconstruct(noisy, 0.2, sampler="ddpm", seed=0).images.double().sum())
+print(json.dumps(out))
+"""
+
+
+def test_a_float64_default_dtype_changes_no_audit(tiny_prior_dir):
+    # torch.set_default_dtype is process-wide, and some users set float64: the auditor's own tensors (its shadow
+    # imprint, the prior's noise, the reverse process) must not follow it. Each setting in a process of its own.
+    if "criterion" not in inspect.signature(PrivacyEngine.make_private).parameters:
+        pytest.skip("opacus 1.5 trains no float32 model under a float64 default (its noise is float64), auditor or not")
+    runs = {}
+    for dtype in ("float32", "float64"):
+        result = subprocess.run([sys.executable, "-c", DEFAULT_DTYPE_RUN, tiny_prior_dir, dtype],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[dtype] = json.loads(result.stdout.strip().splitlines()[-1])
+    single, double = runs["float32"], runs["float64"]
+    assert double["shadow"] == single["shadow"] and single["shadow"]["errors"] == 0
+    assert len(single["shadow"]["records"]) == 2 and single["shadow"]["records"][0][4]  # kappa: the bound's baseline
+    assert double["ddpm"] == single["ddpm"]
+    # Inline audits the user's own steps, which Opacus noises in the default dtype: audited, not bit-identical.
+    assert double["inline"]["errors"] == 0 and len(double["inline"]["records"]) == 2
+    assert all(record[4] for record in double["inline"]["records"])
+
+
 def test_an_engine_used_for_a_second_run_takes_the_new_auditor(tmp_path, fashion_images, tiny_prior_dir):
     engine = PrivacyEngine(accountant="rdp")
     labels = torch.zeros(64, dtype=torch.long)
