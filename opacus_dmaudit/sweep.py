@@ -187,7 +187,7 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
     noisy, stds, owners = _attack(images, sigma, index, config)
     originals = images[owners]
     # The unknown-variance attacker reads the noise level off each image (the estimate sees the unclamped pixels).
-    estimated = estimate_noise_std(noisy) if config.estimate_noise and noisy.shape[0] else None
+    estimated = estimate_noise_std(noisy) if config.estimate_noise else None
     output = prior.reconstruct(noisy, stds if estimated is None else estimated, sampler=config.sampler,
                                steps=config.steps, seed=config.seed + index)
     noisy_values = metrics(noisy.clamp(0, 1), originals)
@@ -213,8 +213,7 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
         epsilon_rdp=epsilons["rdp"], epsilon_prv=epsilons["prv"], delta=config.delta, mu=1.0 / sigma,
         links=config.links, n_images=int(noisy.shape[0]),
         noise_std=quantiles(stds),
-        noise_std_estimated=None if not config.estimate_noise else quantiles(
-            estimated if estimated is not None else stds),
+        noise_std_estimated=None if estimated is None else quantiles(estimated),
         t_start_median=float(output.t_start.double().median()) if noisy.shape[0] else math.nan,
         noisy=summarize(noisy_values), reconstructed=summarize(recon_values),
         success=success_rates(recon_values, config.thresholds), kappa=dict(kappa), rero_bound=bounds,
