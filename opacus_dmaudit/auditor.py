@@ -72,6 +72,32 @@ OUTSIDE_BINS_LIMIT = 0.25
 INLINE_ISOLATION_WARNING = 0.10
 
 
+class _ForwardHook:
+    """The auditor's forward pre-hook on the private model, which copies as a hook that does nothing.
+
+    A copy of the model (``copy.deepcopy`` for a best-model snapshot, ``torch.optim.swa_utils.AveragedModel``,
+    ``torch.save(model)``) is not the model being trained: its forwards must not join this run's audited batches. A
+    bound method as the hook would also drag the auditor (its worker thread, its locks) into the copy, and copying
+    would fail with "cannot pickle '_thread.lock' object".
+    """
+
+    def __init__(self, hook: Callable) -> None:
+        self._hook = hook
+
+    def __call__(self, module, args, kwargs) -> None:
+        self._hook(module, args, kwargs)
+
+    def __reduce__(self):
+        return (_InertForwardHook, ())
+
+
+class _InertForwardHook:
+    """What a copied model holds where the private model holds the auditor's forward pre-hook."""
+
+    def __call__(self, module, args, kwargs) -> None:
+        return None
+
+
 def expected_isolated(batch_size: int, bins: int) -> float:
     """Expected images alone in their bin when ``batch_size`` images fall into ``bins`` equally likely bins (the
     bins are calibrated at the measurement's quantiles)."""
@@ -637,7 +663,7 @@ class DMAuditor:
             self._handles.append(chain_pre_step(optimizer, self._fill_missing_imprint_gradients))
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._after_step(self._steps + 1)))
-        self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(_ForwardHook(self._on_forward), with_kwargs=True))
         return self
 
     # ------------------------------------------------------------------ training thread

@@ -1,6 +1,8 @@
 """DMAuditor on real Opacus training: a tiny CNN, 256 Fashion-MNIST images, 20 DP-SGD steps, an audit every 5."""
 
+import copy
 import inspect
+import io
 import json
 import logging
 import os
@@ -728,6 +730,39 @@ def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_ima
         model.train()
         with torch.no_grad():
             model(held_out[:16])  # training mode without gradients: nothing recorded
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    auditor.close()
+    assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32, 32, 32]
+    if mode == "inline":
+        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+
+
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_copies_of_the_private_model_work_and_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
+    # Best-model snapshots, weight averaging and torch.save(model) copy the model with its hooks: the copy must be
+    # made (the auditor's thread and locks cannot be), and its training forwards are not this run's batches.
+    from torch.optim.swa_utils import AveragedModel
+
+    held_out = fashion_images[128:].flip(-1)
+    model, optimizer, loader, auditor = private_run(
+        fashion_images[:128], batch=32, sigma=0.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
+    copies, loaded = [], None
+    for i, (x, y) in enumerate(loader):
+        if i == 1:
+            saved = io.BytesIO()
+            torch.save(model, saved)
+            saved.seek(0)
+            loaded = torch.load(saved, weights_only=False)
+            copies = [copy.deepcopy(model), loaded, AveragedModel(model)]
+            with torch.no_grad():
+                assert all(torch.equal(c(held_out[:8]), model(held_out[:8])) for c in copies)
+        if loaded is not None:
+            # A training forward of a copy, on other images. (Opacus's hooks let only this copy run one: the others
+            # lose its per-parameter forward counters.)
+            loaded(held_out[:48])
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
