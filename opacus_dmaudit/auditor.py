@@ -98,6 +98,15 @@ class _InertForwardHook:
         return None
 
 
+def accounted_steps(accountant) -> int:
+    """How many DP-SGD steps an Opacus accountant has accounted (its history holds noise multiplier, sample rate and
+    step count triples); 0 for none, or for an accountant that keeps no such history."""
+    try:
+        return int(sum(entry[-1] for entry in getattr(accountant, "history", None) or []))
+    except Exception:  # read inside the user's forward and step: it must not raise
+        return 0
+
+
 def expected_isolated(batch_size: int, bins: int) -> float:
     """Expected images alone in their bin when ``batch_size`` images fall into ``bins`` equally likely bins (the
     bins are calibrated at the measurement's quantiles)."""
@@ -110,7 +119,8 @@ class AuditRecord:
     run without noise, are written as null).
 
     Attributes:
-        step: the optimizer step audited (1-based, real steps only).
+        step: the optimizer step audited (1-based, real steps only), counted as the engine's accountant counts
+            them: a run resumed with ``privacy_engine.load_checkpoint`` goes on from its checkpoint's step.
         mode / scale: the auditor's ``mode`` and how the attacker fixed each image's scale.
         batch_size: the audited step's batch (all its forwards).
         attacked: how many of its images the imprint attacked (the whole batch inline; at most ``bins`` in shadow
@@ -258,7 +268,8 @@ class DMAuditor:
         log_dir: TensorBoard log folder (created owner-only; it will contain training images). Default: a new
             ``runs/audit-<date>-<time>`` per run, as ``SummaryWriter`` makes; a folder with an earlier run's audit
             logs is appended to, with a warning (TensorBoard draws both runs as one).
-        every: audit every ``every``-th optimizer step.
+        every: audit every ``every``-th optimizer step (of the whole run, as the engine's accountant counts them,
+            so a resumed run keeps the schedule of an uninterrupted one).
         mode: "shadow" or "inline" (see the module docstring).
         bins: number of imprint bins; only an image alone in its bin is recovered. In shadow mode also the most
             images of each audited batch that the imprint attacks (the first ``bins``; about 37% of them are alone),
@@ -426,6 +437,9 @@ class DMAuditor:
         self._copy_failed = False  # a copy of this step's batch failed (and was counted and logged)
         self._warned: set[str] = set()  # what the user has been told once already (logger warnings)
         self._steps = 0
+        # The steps the engine's accountant had accounted at this run's first step: a run resumed from a checkpoint
+        # (privacy_engine.load_checkpoint) counts on from them. None until that step.
+        self._steps_before: int | None = None
         self._handles: list[Any] = []
         self._closed = False
         self._stopped = False
@@ -662,7 +676,7 @@ class DMAuditor:
             self._handles.append(optimizer.original_optimizer.register_step_post_hook(restore))
             self._handles.append(chain_pre_step(optimizer, self._fill_missing_imprint_gradients))
         else:
-            self._handles.append(chain_step_hook(optimizer, lambda opt: self._after_step(self._steps + 1)))
+            self._handles.append(chain_step_hook(optimizer, lambda opt: self._on_step()))
         self._handles.append(model.register_forward_pre_hook(_ForwardHook(self._on_forward), with_kwargs=True))
         return self
 
@@ -675,7 +689,10 @@ class DMAuditor:
     def _on_forward(self, module, args, kwargs) -> None:
         # Only forwards that Opacus records belong to the step (its hooks skip eval mode and no_grad): an evaluation
         # between steps must not slip held-out images into the audited batch.
-        if not (module.training and torch.is_grad_enabled()) or not self._is_audited(self._steps + 1):
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        self._start_counting(inside_step=False)  # never raises
+        if not self._is_audited(self._steps + 1):
             return
         started = time.perf_counter()
         try:
@@ -697,6 +714,23 @@ class DMAuditor:
             # The only work on the training thread: one copy of the images the audit needs.
             self._pending.append(batch[: self._images_to_copy()].detach().to("cpu", copy=True))
             self._pending_sizes.append(int(batch.shape[0]))
+
+    def _start_counting(self, *, inside_step: bool) -> None:
+        """At this run's first training forward (or step, if none came first): count steps on from those the
+        engine's accountant has accounted, so that a run resumed with ``privacy_engine.load_checkpoint`` keeps its
+        step numbers, its audit schedule and its TensorBoard axis. The accountant has already counted a step whose
+        hook is running."""
+        if self._steps_before is not None:
+            return
+        accounted = accounted_steps(getattr(self._engine, "accountant", None))
+        self._steps_before = self._steps = max(0, accounted - int(inside_step))
+        if self._capture is not None:
+            self._capture.steps = self._steps
+
+    def _on_step(self) -> None:
+        """Shadow mode's link in the optimizer's step hook, after the accountant's."""
+        self._start_counting(inside_step=True)
+        self._after_step(self._steps + 1)
 
     def _images_to_copy(self) -> int | None:
         """How many images of this forward's batch the audit needs (None: all). Inline mode attacks the whole batch;
@@ -1190,9 +1224,12 @@ class DMAuditor:
             logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "
                            "nothing: create it before privacy_engine.make_private(...) or call "
                            "auditor.attach(model, optimizer)")
-        elif 0 < self._steps < self.every and self.active:
-            logger.warning("opacus_dmaudit: the run took %d optimizer step(s), fewer than every=%d, so nothing was "
-                           "audited: pass a smaller every", self._steps, self.every)
+        elif self._steps_before is not None and self._audits_due() == 0 < self._steps - self._steps_before \
+                and self.active:
+            logger.warning("opacus_dmaudit: the run took %d optimizer step(s)%s, none of them a multiple of every=%d, "
+                           "so nothing was audited: pass a smaller every", self._steps - self._steps_before,
+                           f" (steps {self._steps_before + 1} to {self._steps}, as the engine's accountant counts them)"
+                           if self._steps_before else "", self.every)
         if self.active:
             if not wait:
                 self._drop_queued()
@@ -1200,7 +1237,7 @@ class DMAuditor:
             self._worker.join()
             if self._dropped_busy > 1:
                 logger.warning("opacus_dmaudit: %d of %d due audits were dropped while the auditor was busy",
-                               self._dropped_busy, self._steps // self.every)
+                               self._dropped_busy, self._audits_due())
         for handle in self._handles:
             handle.remove()
         self._release_engine()
@@ -1214,6 +1251,10 @@ class DMAuditor:
             final["hparam/epsilon"] = last.epsilon
             self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
         self.writer.close()
+
+    def _audits_due(self) -> int:
+        """The steps of this run that were due for an audit."""
+        return self._steps // self.every - (self._steps_before or 0) // self.every
 
     def _close_at_exit(self) -> None:
         if self._closed:
