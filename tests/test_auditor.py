@@ -713,15 +713,29 @@ def test_gradient_accumulation_audits_the_whole_logical_batch(tmp_path, fashion_
     assert all(r.recovered > 10 and r.noisy["mse"] < 1e-10 for r in auditor.records)
 
 
-@pytest.mark.parametrize("mode", ["shadow", "inline"])
-def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
-    # A loop that evaluates on held-out images between steps: those forwards are not part of any DP-SGD step
-    # (Opacus records none of them), so they must not join the audited batch.
+def audit_with_other_forwards(tmp_path, fashion_images, tiny_prior_dir, mode, between_steps):
+    """Four DP-SGD steps of 32 training images, with ``between_steps(i, model, held_out)`` before each: other forwards,
+    on held-out images, that must not join the audited batches (without noise, inline audits recover exactly)."""
     held_out = fashion_images[128:].flip(-1)
     model, optimizer, loader, auditor = private_run(
         fashion_images[:128], batch=32, sigma=0.0,
         auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
     for i, (x, y) in enumerate(loader):
+        between_steps(i, model, held_out)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    auditor.close()
+    assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32, 32, 32]
+    if mode == "inline":
+        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+
+
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
+    # A loop that evaluates on held-out images between steps: those forwards are not part of any DP-SGD step
+    # (Opacus records none of them), so they must not join the audited batch.
+    def evaluate(i, model, held_out):
         model.eval()
         if i % 2:
             with torch.no_grad():
@@ -731,13 +745,8 @@ def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_ima
         model.train()
         with torch.no_grad():
             model(held_out[:16])  # training mode without gradients: nothing recorded
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    auditor.close()
-    assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32, 32, 32]
-    if mode == "inline":
-        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+
+    audit_with_other_forwards(tmp_path, fashion_images, tiny_prior_dir, mode, evaluate)
 
 
 @pytest.mark.parametrize("mode", ["shadow", "inline"])
@@ -746,31 +755,23 @@ def test_copies_of_the_private_model_work_and_are_not_audited(tmp_path, fashion_
     # made (the auditor's thread and locks cannot be), and its training forwards are not this run's batches.
     from torch.optim.swa_utils import AveragedModel
 
-    held_out = fashion_images[128:].flip(-1)
-    model, optimizer, loader, auditor = private_run(
-        fashion_images[:128], batch=32, sigma=0.0,
-        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=1))
-    copies, loaded = [], None
-    for i, (x, y) in enumerate(loader):
+    copies = {}
+
+    def copy_and_use(i, model, held_out):
         if i == 1:
             saved = io.BytesIO()
             torch.save(model, saved)
             saved.seek(0)
-            loaded = torch.load(saved, weights_only=False)
-            copies = [copy.deepcopy(model), loaded, AveragedModel(model)]
+            copies.update(deepcopy=copy.deepcopy(model), loaded=torch.load(saved, weights_only=False),
+                          averaged=AveragedModel(model))
             with torch.no_grad():
-                assert all(torch.equal(c(held_out[:8]), model(held_out[:8])) for c in copies)
-        if loaded is not None:
+                assert all(torch.equal(c(held_out[:8]), model(held_out[:8])) for c in copies.values())
+        if copies:
             # A training forward of a copy, on other images. (Opacus's hooks let only this copy run one: the others
             # lose its per-parameter forward counters.)
-            loaded(held_out[:48])
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    auditor.close()
-    assert auditor.errors == 0 and [r.batch_size for r in auditor.records] == [32, 32, 32, 32]
-    if mode == "inline":
-        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+            copies["loaded"](held_out[:48])
+
+    audit_with_other_forwards(tmp_path, fashion_images, tiny_prior_dir, mode, copy_and_use)
 
 
 def test_audits_dropped_while_the_auditor_is_busy_are_warned_once_and_summed_up_at_close(
@@ -1149,21 +1150,27 @@ def test_a_float64_default_dtype_changes_no_audit(tiny_prior_dir):
     assert all(record[4] for record in double["inline"]["records"])
 
 
+def make_private_tiny_cnn(engine, images):
+    """A tiny CNN made private by ``engine`` (sigma = 1, C = 1, batches of 32, no Poisson sampling)."""
+    model = tiny_cnn()
+    return engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=False, data_loader=torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=32))
+
+
+def train_epoch(model, optimizer, loader) -> None:
+    for x, y in loader:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
 def test_an_engine_used_for_a_second_run_takes_the_new_auditor(tmp_path, fashion_images, tiny_prior_dir):
     engine = PrivacyEngine(accountant="rdp")
-    labels = torch.zeros(64, dtype=torch.long)
 
     def run(auditor):
-        model = tiny_cnn()
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=False,
-            data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fashion_images[:64], labels),
-                                                    batch_size=32))
-        for x, y in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        train_epoch(*make_private_tiny_cnn(engine, fashion_images[:64]))
 
     first = DMAuditor(engine, **audit_kwargs(tmp_path / "1", tiny_prior_dir, every=1))
     run(first)
@@ -1190,22 +1197,13 @@ def test_a_run_resumed_from_a_checkpoint_keeps_its_step_numbers_and_audit_schedu
         torch.manual_seed(part)
         engine = PrivacyEngine(accountant="rdp")
         auditor = DMAuditor(engine, **audit_kwargs(tmp_path / str(part), tiny_prior_dir, mode=mode, every=3))
-        model = tiny_cnn()
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=False,
-            data_loader=torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(fashion_images[:128], torch.zeros(128, dtype=torch.long)),
-                batch_size=32))
+        model, optimizer, loader = make_private_tiny_cnn(engine, fashion_images[:128])
         if part == 2:
             # Opacus 1.5 leaves torch.load at its default, which from torch 2.6 refuses the checkpoint's accountant
             # state; 1.6 passes weights_only=False itself (and refuses a second one).
             load = {} if opacus_version >= (1, 6) else {"torch_load_kwargs": {"weights_only": False}}
             engine.load_checkpoint(path=checkpoint, module=model, optimizer=optimizer, **load)
-        for x, y in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        train_epoch(model, optimizer, loader)
         if part == 1:
             engine.save_checkpoint(path=checkpoint, module=model, optimizer=optimizer)
         auditor.close()
@@ -1229,17 +1227,7 @@ def test_an_auditor_replaced_before_make_private_says_so(tmp_path, fashion_image
         assert caplog.text == ""
         later = DMAuditor(engine, **audit_kwargs(tmp_path / "2", tiny_prior_dir, every=1))
         assert caplog.text.count("takes the place, on the same privacy engine, of one created earlier") == 1
-        model = tiny_cnn()
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=False,
-            data_loader=torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(fashion_images[:32], torch.zeros(32, dtype=torch.long)),
-                batch_size=32))
-        for x, y in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        train_epoch(*make_private_tiny_cnn(engine, fashion_images[:32]))
         caplog.clear()
         earlier.close()
         later.close()
