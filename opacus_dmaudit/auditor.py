@@ -606,7 +606,8 @@ class DMAuditor:
 
     def wrap_model(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, data_loader=None) -> ImprintedModel:
         """Inline mode: put a calibrated imprint block in front of ``module`` and register its parameters with
-        ``optimizer`` (learning rate 0; they are also restored after each step)."""
+        ``optimizer``, in its first parameter group (the step post-hook restores them after each step, so that group's
+        learning rate and weight decay leave them as they are; ``close()`` freezes them)."""
         sample = self._calibration_sample(data_loader)
         self._check_float_inputs(sample)
         sample = image_batch(sample, what="the data loader's samples")
@@ -626,7 +627,10 @@ class DMAuditor:
             edges = self.block.edges.clone()
             torch.distributed.broadcast(edges, src=0)
             self.block.set_edges(edges)
-        optimizer.add_param_group({"params": list(self.block.parameters()), "lr": 0.0, "weight_decay": 0.0})
+        # In the first group, not a group of their own: an LR scheduler made on the optimizer before make_private
+        # (OneCycleLR, LambdaLR, CyclicLR, SequentialLR, ...) holds one entry per group and fails on a group it has
+        # not seen, at the training loop's scheduler.step().
+        optimizer.param_groups[0]["params"].extend(self.block.parameters())
         return ImprintedModel(module, self.block)
 
     def _check_isolation(self, batch_size: int | None, *, pixels: int) -> None:
@@ -1203,6 +1207,10 @@ class DMAuditor:
     def close(self, *, wait: bool = True) -> None:
         """Finish queued audits, write hparams, close the logs and detach from the optimizer and model.
 
+        In inline mode the imprint block stays in the model, its parameters frozen (``requires_grad`` off): training
+        that goes on after ``close()`` no longer clips, noises or updates them, and the block passes the model's
+        inputs through unchanged.
+
         Args:
             wait: finish the audits still waiting in the queue. False drops them (counted in ``dropped``) and only
                 lets the pass already running end; leaving a ``with`` block on an exception (Ctrl-C included) does
@@ -1240,6 +1248,8 @@ class DMAuditor:
                                self._dropped_busy, self._audits_due())
         for handle in self._handles:
             handle.remove()
+        if self.block is not None:
+            self._freeze_block()
         self._release_engine()
         if self._capture is not None:
             self._capture.detach()
@@ -1251,6 +1261,19 @@ class DMAuditor:
             final["hparam/epsilon"] = last.epsilon
             self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
         self.writer.close()
+
+    def _freeze_block(self) -> None:
+        """Inline, at close: nothing restores the rows any more. Frozen, they neither train nor take part of each
+        sample's clipping budget in the steps after close (Opacus clips, noises and zeroes only parameters that need
+        gradients), and the forward still passes the images through unchanged. Their gradients of the last step go
+        too: the optimizer's zero_grad() no longer clears them, and a stale per-sample gradient stops
+        ExpandedWeights (grad_sample_mode="ew") at the next forward."""
+        for p in self.block.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+            for name in ("grad_sample", "summed_grad"):
+                if getattr(p, name, None) is not None:
+                    setattr(p, name, None)
 
     def _audits_due(self) -> int:
         """The steps of this run that were due for an audit."""

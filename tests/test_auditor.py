@@ -337,6 +337,52 @@ def test_inline_mode_trains_a_model_that_cuts_the_gradient_to_its_input(tmp_path
     assert all(not torch.equal(a, b) for a, b in zip(before, model._module.model.parameters()))  # it trained
     assert caplog.text.count("no gradient reached the imprint block") == 1 and "mode='shadow'" in caplog.text
     assert "pre_step" not in vars(optimizer)  # closing gives the optimizer its own method back
+    # Training goes on after close(): the frozen rows need no per-sample gradients any more, and do not move.
+    rows = [p.detach().clone() for p in auditor.block.parameters()]
+    train_epoch(model, optimizer, loader)
+    assert all(torch.equal(a, b) for a, b in zip(rows, auditor.block.parameters()))
+
+
+SCHEDULERS = {
+    "OneCycleLR": lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=8),
+    "LambdaLR": lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.8**step),
+    "CyclicLR": lambda optimizer: torch.optim.lr_scheduler.CyclicLR(optimizer, 0.01, 0.1, step_size_up=2),
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_inline_mode_keeps_an_lr_scheduler_made_before_make_private(tmp_path, fashion_images, tiny_prior_dir,
+                                                                   scheduler):
+    # The scheduler holds one entry per parameter group of the optimizer it was made on: the imprint's rows join
+    # the first group rather than adding one it has never seen. That group's learning rate, momentum and weight
+    # decay move the rows inside each step, and the restore after it puts them back (exact recovery at sigma 0).
+    def run(auditor_kwargs):
+        torch.manual_seed(0)
+        model = tiny_cnn()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        lr_scheduler = SCHEDULERS[scheduler](optimizer)
+        engine = PrivacyEngine(accountant="rdp")
+        auditor = DMAuditor(engine, **auditor_kwargs) if auditor_kwargs is not None else None
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False,
+            data_loader=torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(fashion_images[:128], torch.randint(0, 10, (128,))), batch_size=32))
+        rates = []
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            lr_scheduler.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        if auditor is not None:
+            auditor.close()
+        return rates, auditor
+
+    plain, _ = run(None)
+    rates, auditor = run(audit_kwargs(tmp_path, tiny_prior_dir, mode="inline", every=2))
+    assert rates == plain
+    assert auditor.errors == 0 and [r.step for r in auditor.records] == [2, 4]
+    assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
 
 
 def test_a_prv_epsilon_that_would_not_fit_in_memory_comes_from_rdp(tmp_path, fashion_images, tiny_prior_dir,
@@ -688,6 +734,13 @@ def test_grad_sample_modes(tmp_path, fashion_images, tiny_prior_dir, grad_sample
     auditor.close()
     assert auditor.errors == 0 and len(auditor.records) == 2
     assert all(r.recovered > 0 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+    # Training goes on after close() in every mode; inline, the frozen rows no longer move.
+    rows = [p.detach().clone() for p in auditor.block.parameters()] if mode == "inline" else []
+    for x, y in loader:
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(rows, auditor.block.parameters() if rows else []))
 
 
 def test_normalised_inputs_are_audited_in_pixel_space(tmp_path, fashion_images, tiny_prior_dir):
