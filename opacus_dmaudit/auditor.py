@@ -691,9 +691,10 @@ class DMAuditor:
         return not (self._closed or self._stopped) and step % self.every == 0
 
     def _on_forward(self, module, args, kwargs) -> None:
-        # Only forwards that Opacus records belong to the step (its hooks skip eval mode and no_grad): an evaluation
-        # between steps must not slip held-out images into the audited batch.
-        if not (module.training and torch.is_grad_enabled()):
+        # Only forwards that Opacus records belong to the step (its hooks skip eval mode, no_grad, and everything
+        # between model.disable_hooks() and enable_hooks()): an evaluation or an input perturbation between steps must
+        # not slip other images into the audited batch.
+        if not (module.training and torch.is_grad_enabled() and getattr(module, "hooks_enabled", True)):
             return
         self._start_counting(inside_step=False)  # never raises
         if not self._is_audited(self._steps + 1):

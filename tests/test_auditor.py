@@ -803,6 +803,20 @@ def test_evaluation_forwards_between_steps_are_not_audited(tmp_path, fashion_ima
 
 
 @pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_forwards_with_opacus_hooks_disabled_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
+    # Opacus's way to run a forward that is no part of the step (an adversarial perturbation of the inputs, say):
+    # model.disable_hooks(). Opacus records nothing of it, nor may the auditor.
+    def perturb(i, model, held_out):
+        model.disable_hooks()
+        images = held_out[:48].clone().requires_grad_()
+        gradient, = torch.autograd.grad(model(images).logsumexp(dim=1).sum(), images)
+        model.enable_hooks()
+        assert gradient.abs().sum() > 0
+
+    audit_with_other_forwards(tmp_path, fashion_images, tiny_prior_dir, mode, perturb)
+
+
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
 def test_copies_of_the_private_model_work_and_are_not_audited(tmp_path, fashion_images, tiny_prior_dir, mode):
     # Best-model snapshots, weight averaging and torch.save(model) copy the model with its hooks: the copy must be
     # made (the auditor's thread and locks cannot be), and its training forwards are not this run's batches.
