@@ -81,7 +81,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """The device to run on: the one asked for, once it is known to exist here, or CUDA when available.
 
     Raises:
-        ValueError: naming the fix, for a name torch does not know or a CUDA device this machine lacks (torch's own
+        ValueError: naming the fix, for a name torch does not know, or a device this machine lacks (torch's own
             errors come later, and speak of drivers).
     """
     if device is None:
@@ -98,6 +98,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to "
                              f"cuda:{count - 1}")
+    elif resolved.type == "meta":
+        raise ValueError(f"device {str(device)!r} holds no data, so nothing can be reconstructed on it: use 'cpu' or "
+                         "'cuda', or leave it unset")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(0, device=resolved)
+        except (RuntimeError, AssertionError) as error:  # torch's words for a backend it was built without
+            # Its first sentence: torch's words for MPS on Linux run to 60 lines, listing every backend it has.
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
+            raise ValueError(f"device {str(device)!r}: torch cannot use it on this machine ({reason}); use 'cpu' or "
+                             "'cuda', or leave it unset") from None
     return resolved
 
 

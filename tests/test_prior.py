@@ -114,6 +114,12 @@ def test_a_device_this_machine_lacks_is_named_before_anything_loads(tiny_prior_d
 
     with pytest.raises(ValueError, match="'gpu' is not a torch device: use 'cpu', 'cuda'"):
         DiffusionPrior.from_pretrained(tiny_prior_dir, device="gpu")
+    with pytest.raises(ValueError, match="'meta' holds no data"):
+        DiffusionPrior.from_pretrained(tiny_prior_dir, device="meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match=r"^device 'mps': torch cannot use it on this machine \([^\n]{10,200}\); "
+                                             "use 'cpu' or 'cuda'"):
+            DiffusionPrior.from_pretrained(tiny_prior_dir, device="mps")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match=f"this machine has {torch.cuda.device_count()} CUDA device"):
             DiffusionPrior.from_pretrained(tiny_prior_dir, device="cuda:99")
