@@ -128,8 +128,10 @@ def _composed_prv(noise_multiplier: float, sample_rate: float, steps: int, eps_e
     accountant = PRVAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
     check_prv_grid(accountant.history, eps_error=eps_error, delta_error=delta_error)
-    # Opacus's own discretised, composed privacy-loss distribution (the one its epsilon comes from).
-    return accountant._get_dprv(eps_error=eps_error, delta_error=delta_error)
+    # Opacus's own discretised, composed privacy-loss distribution (the one its epsilon comes from). At sample rate 1
+    # it takes log(1 - q) = -inf on purpose, and NumPy would warn of a division by zero at every call.
+    with np.errstate(divide="ignore"):
+        return accountant._get_dprv(eps_error=eps_error, delta_error=delta_error)
 
 
 def rero_bound_dpsgd(

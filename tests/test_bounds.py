@@ -24,6 +24,19 @@ def test_closed_form_known_value():
         rero_bound_gdp(1.0, 1.5)
 
 
+@pytest.mark.parametrize("sigma, rate, kappa", [(1.0, 0.1, 0.01), (0.5, 0.2, 0.05), (2.0, 0.5, 0.1), (0.7, 0.02, 0.3)])
+def test_one_subsampled_step_s_bound_is_the_exact_neyman_pearson_one(sigma, rate, kappa):
+    # One Poisson-subsampled Gaussian step: P = N(0, 1) against Q = (1 - q) N(0, 1) + q N(1/sigma, 1). Their
+    # likelihood ratio grows with x, so the most powerful test at type I error kappa rejects P above t = Phi^-1(1 -
+    # kappa), and success <= 1 - beta = 1 - Q(x <= t) (Hayes et al. 2023). This order is the larger of the two.
+    from scipy.stats import norm
+
+    t = norm.ppf(1 - kappa)
+    exact = 1 - ((1 - rate) * norm.cdf(t) + rate * norm.cdf(t - 1 / sigma))
+    numeric = rero_bound_dpsgd(noise_multiplier=sigma, sample_rate=rate, steps=1, kappa=kappa)
+    assert numeric == pytest.approx(exact, abs=2e-4)
+
+
 @pytest.mark.parametrize("sigma, rate, steps", [(1.0, 0.01, 1000), (2.0, 0.004, 5000)])
 def test_subsampled_bound_agrees_with_opacus_gdp_mu_in_its_valid_regime(sigma, rate, steps):
     # Opacus's GDP accountant uses the central-limit mu, valid for small sample rates and many steps.
