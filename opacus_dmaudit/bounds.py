@@ -16,11 +16,13 @@ the success rate of guessing from the prior alone.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+import scipy.fft
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm
@@ -42,6 +44,36 @@ __all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "history_epsilon", "schedule_ep
 # Measured peak memory of epsilon plus bound on the 2-core CPU: 5.1e6 points 1.4 GB, 2.0e7 points 5.2 GB. Above this
 # cap the PRV figures give way to the RDP accountant's (looser, still valid) ones.
 PRV_MAX_GRID_POINTS = 10_000_000
+
+
+class _NumpyFFT:
+    """A ``scipy.fft`` backend that answers with ``numpy.fft``, for Opacus's PRV accountant (it composes by FFT).
+
+    scipy's pocketfft keeps the plans of its last 16 transform sizes, about 50 bytes a point each, for the life of the
+    process. A run's PRV grid changes size at every audit (10^5 to 10^6 points for the step counts of real runs), so
+    the audits' epsilons left up to some 0.8 GB of the training machine's memory in plans: in a 128-step run audited at
+    every step, resident memory grew by 1.9 MB an audit. numpy's FFT keeps no plans, and gave the same epsilons (to the
+    last bit with numpy 2.4, within 1e-10 relative with numpy 1.26), 5 to 15% slower (measured on this project's
+    2-core CPU). What numpy cannot answer stays scipy's.
+    """
+
+    __ua_domain__ = "numpy.scipy.fft"
+    _SCIPY_DEFAULTS = {"workers": None, "overwrite_x": False, "plan": None}
+
+    @classmethod
+    def __ua_function__(cls, method, args, kwargs):
+        answer = getattr(np.fft, method.__name__, None)
+        kwargs = {k: v for k, v in kwargs.items() if not (k in cls._SCIPY_DEFAULTS and v is cls._SCIPY_DEFAULTS[k])}
+        if answer is None or not kwargs.keys() <= {"n", "s", "axis", "axes", "norm"}:
+            return NotImplemented
+        return answer(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def fft_keeping_no_plans() -> Iterator[None]:
+    """Run Opacus's PRV accountant on this thread with :class:`_NumpyFFT` (uarray backends are per thread)."""
+    with scipy.fft.set_backend(_NumpyFFT):
+        yield
 
 
 class PRVGridTooLarge(MemoryError):
@@ -130,7 +162,7 @@ def _composed_prv(noise_multiplier: float, sample_rate: float, steps: int, eps_e
     check_prv_grid(accountant.history, eps_error=eps_error, delta_error=delta_error)
     # Opacus's own discretised, composed privacy-loss distribution (the one its epsilon comes from). At sample rate 1
     # it takes log(1 - q) = -inf on purpose, and NumPy would warn of a division by zero at every call.
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore"), fft_keeping_no_plans():
         return accountant._get_dprv(eps_error=eps_error, delta_error=delta_error)
 
 
@@ -214,7 +246,8 @@ def history_epsilon(history: list[tuple[float, float, int]], *, delta: float,
     def epsilon(cls: type) -> float:
         answering = cls()
         answering.history = list(history)
-        return float(answering.get_epsilon(delta))
+        with fft_keeping_no_plans():
+            return float(answering.get_epsilon(delta))
 
     accountant = accountant or PRVAccountant
     if not issubclass(accountant, PRVAccountant):
