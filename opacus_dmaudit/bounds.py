@@ -53,8 +53,9 @@ class _NumpyFFT:
     10^6 points held 0.87 GB). A run's PRV grid changes size at every audit (10^5 to 10^6 points for the step counts
     of real runs), so the audits' epsilons filled that cache on the training machine: a 128-step run audited at every
     step grew from 847 to 1,071 MB resident, and stays flat with numpy's FFT (838 to 833 MB), which keeps no plans and
-    gave the same epsilons (to the last bit with numpy 2.4, within 1e-10 relative with numpy 1.26), 5 to 15% slower
-    (all measured on this project's 2-core CPU). What numpy cannot answer stays scipy's.
+    gave the same epsilons (to the last bit with numpy 2.4, within 1e-10 relative with numpy 1.26), each 1 to 17%
+    slower (0.16 to 0.56 s with scipy's for five schedules; all measured on this project's 2-core CPU). What numpy
+    cannot answer stays scipy's.
     """
 
     __ua_domain__ = "numpy.scipy.fft"
