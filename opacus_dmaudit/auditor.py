@@ -1233,12 +1233,11 @@ class DMAuditor:
             logger.warning("opacus_dmaudit: this DMAuditor was never attached to a private model, so it audited "
                            "nothing: create it before privacy_engine.make_private(...) or call "
                            "auditor.attach(model, optimizer)")
-        elif self._steps_before is not None and self._audits_due() == 0 < self._steps - self._steps_before \
-                and self.active:
+        elif self.active and self._steps_this_run() > 0 and self._audits_due() == 0:
+            which = (f" (steps {self._steps_before + 1} to {self._steps}, as the engine's accountant counts them)"
+                     if self._steps_before else "")
             logger.warning("opacus_dmaudit: the run took %d optimizer step(s)%s, none of them a multiple of every=%d, "
-                           "so nothing was audited: pass a smaller every", self._steps - self._steps_before,
-                           f" (steps {self._steps_before + 1} to {self._steps}, as the engine's accountant counts them)"
-                           if self._steps_before else "", self.every)
+                           "so nothing was audited: pass a smaller every", self._steps_this_run(), which, self.every)
         if self.active:
             if not wait:
                 self._drop_queued()
@@ -1275,6 +1274,10 @@ class DMAuditor:
             for name in ("grad_sample", "summed_grad"):
                 if getattr(p, name, None) is not None:
                     setattr(p, name, None)
+
+    def _steps_this_run(self) -> int:
+        """The optimizer steps this auditor saw (a resumed run's steps before its checkpoint not among them)."""
+        return self._steps - (self._steps_before or 0)
 
     def _audits_due(self) -> int:
         """The steps of this run that were due for an audit."""
