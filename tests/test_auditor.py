@@ -102,6 +102,14 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
     return engine, auditor, weights
 
 
+def train_epoch(model, optimizer, loader, *, criterion=nn.functional.cross_entropy) -> None:
+    """One pass over ``loader``: a DP-SGD step per batch."""
+    for x, y in loader:
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+
+
 def private_run(images, *, batch, sigma, auditor_kwargs, model=None, samples=None):
     """A tiny CNN (or ``model``) made private with an auditor attached (none for ``auditor_kwargs=None``), for tests
     that write their own loop: model, optimizer, loader (no Poisson sampling) and auditor. ``samples(image, label)``
@@ -328,10 +336,7 @@ def test_inline_mode_trains_a_model_that_cuts_the_gradient_to_its_input(tmp_path
                                                                                 mode="inline", every=2))
     before = [p.detach().clone() for p in model._module.model.parameters()]
     with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
-        for x, y in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
+        train_epoch(model, optimizer, loader)
         auditor.close()
     assert auditor._steps == 4 and not auditor.records and auditor.errors == 0
     assert all(not torch.equal(a, b) for a, b in zip(before, model._module.model.parameters()))  # it trained
@@ -727,19 +732,13 @@ def test_grad_sample_modes(tmp_path, fashion_images, tiny_prior_dir, grad_sample
                               **({"criterion": criterion} if takes_criterion else {}))
     model, optimizer, loader = (out[0], out[1], out[3]) if len(out) == 4 else out
     criterion = out[2] if len(out) == 4 else criterion
-    for x, y in loader:
-        optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
+    train_epoch(model, optimizer, loader, criterion=criterion)
     auditor.close()
     assert auditor.errors == 0 and len(auditor.records) == 2
     assert all(r.recovered > 0 and r.noisy["mse"] < 1e-10 for r in auditor.records)
     # Training goes on after close() in every mode; inline, the frozen rows no longer move.
     rows = [p.detach().clone() for p in auditor.block.parameters()] if mode == "inline" else []
-    for x, y in loader:
-        optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
+    train_epoch(model, optimizer, loader, criterion=criterion)
     assert all(torch.equal(a, b) for a, b in zip(rows, auditor.block.parameters() if rows else []))
 
 
@@ -1224,13 +1223,6 @@ def make_private_tiny_cnn(engine, images):
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
         poisson_sampling=False, data_loader=torch.utils.data.DataLoader(
             torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=32))
-
-
-def train_epoch(model, optimizer, loader) -> None:
-    for x, y in loader:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
 
 
 def test_an_engine_used_for_a_second_run_takes_the_new_auditor(tmp_path, fashion_images, tiny_prior_dir):
