@@ -28,6 +28,7 @@ Each image keeps its own seed, so a DDIM reconstruction does not depend on which
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import logging
 import os
@@ -318,6 +319,11 @@ class DMAuditor:
             width 64, six paired runs): while shadow audits ran, a step took ×1.36 to ×1.86 its time without an
             auditor at niceness 0, ×1.16 to ×1.47 at 10 (lower in every pair), and the audits finished 2 to 6 s
             later. 0 leaves the priority alone; ignored off Linux.
+
+    Attributes:
+        records: an :class:`AuditRecord` per finished audit, in step order (audits that share a pass of the prior
+            finish out of order: one that recovers nothing needs no pass).
+        dropped / errors: audits dropped (a full queue, or queued at an early close) and audits that failed.
     """
 
     def __init__(
@@ -924,7 +930,7 @@ class DMAuditor:
             self._stopped = True
 
     def _done(self, record: AuditRecord) -> None:
-        self.records.append(record)
+        bisect.insort(self.records, record, key=lambda done: done.step)
         if self.on_audit is not None:
             try:
                 self.on_audit(record)

@@ -551,6 +551,28 @@ def test_waiting_audits_share_a_pass_of_the_prior_without_changing_results(tmp_p
         DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", batch_audits=0)
 
 
+def test_records_stay_in_step_order_when_a_shared_pass_finishes_late(tmp_path, fashion_images, tiny_prior_dir):
+    # Steps 2 and 3 wait together for the worker; step 3's batch is one image 32 times, which all collide: it
+    # recovers nothing, needs no pass of the prior and finishes before step 2's pass. records[-1] (close() logs its
+    # figures as the run's hparams) used to be step 2's.
+    def hold_first_audit(record):
+        deadline = time.monotonic() + 120
+        while record.step == 1 and auditor._queue.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    model, optimizer, _, auditor = private_run(
+        fashion_images[:64], batch=32, sigma=0.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=1, on_audit=hold_first_audit, kappa_samples=0))
+    labels = torch.zeros(32, dtype=torch.long)
+    for x in (fashion_images[:32], fashion_images[32:64], fashion_images[64:65].expand(32, -1, -1, -1)):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+    auditor.close()
+    assert [(r.step, r.audits_in_pass, r.recovered > 0) for r in auditor.records[:2]] == [(1, 1, True), (2, 1, True)]
+    assert [(r.step, r.recovered, r.collisions) for r in auditor.records[2:]] == [(3, 0, 1)]
+
+
 def test_a_compiled_prior_never_compiles_in_the_worker(tmp_path, fashion_images, tiny_prior_dir):
     """torch.compile restores the global RNG after tracing, which would rewind the training thread's random numbers
     (DP-SGD noise among them) if it ran on the audit worker during training. Frozen, a prior runs compiled code only
