@@ -74,7 +74,7 @@ INLINE_ISOLATION_WARNING = 0.10
 
 
 class _ForwardHook:
-    """The auditor's forward pre-hook on the private model, which copies as a hook that does nothing.
+    """One of the auditor's forward hooks on the private model, which copies as a hook that does nothing.
 
     A copy of the model (``copy.deepcopy`` for a best-model snapshot, ``torch.optim.swa_utils.AveragedModel``,
     ``torch.save(model)``) is not the model being trained: its forwards must not join this run's audited batches. A
@@ -85,18 +85,26 @@ class _ForwardHook:
     def __init__(self, hook: Callable) -> None:
         self._hook = hook
 
-    def __call__(self, module, args, kwargs) -> None:
-        self._hook(module, args, kwargs)
+    def __call__(self, *args) -> None:
+        self._hook(*args)
 
     def __reduce__(self):
         return (_InertForwardHook, ())
 
 
 class _InertForwardHook:
-    """What a copied model holds where the private model holds the auditor's forward pre-hook."""
+    """What a copied model holds where the private model holds one of the auditor's forward hooks."""
 
-    def __call__(self, module, args, kwargs) -> None:
+    def __call__(self, *args) -> None:
         return None
+
+
+def output_tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model's output that a loss can be computed from: the output itself, or the tensors of a
+    tuple, list or mapping (a Hugging Face ``ModelOutput`` is one) that require gradients."""
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) \
+        else [output]
+    return [value for value in values if isinstance(value, torch.Tensor) and value.requires_grad]
 
 
 def accounted_steps(accountant) -> int:
@@ -123,7 +131,8 @@ class AuditRecord:
         step: the optimizer step audited (1-based, real steps only), counted as the engine's accountant counts
             them: a run resumed with ``privacy_engine.load_checkpoint`` goes on from its checkpoint's step.
         mode / scale: the auditor's ``mode`` and how the attacker fixed each image's scale.
-        batch_size: the audited step's batch (all its forwards).
+        batch_size: the audited step's batch: its samples, over all its forwards that had a backward pass of their
+            own (a forward before an earlier one's backward pass adds its gradients to that one's samples).
         attacked: how many of its images the imprint attacked (the whole batch inline; at most ``bins`` in shadow
             mode).
         recovered: how many of those were alone in their bin, and so recovered and reconstructed.
@@ -195,6 +204,7 @@ class _Job:
     expected_batch_size: int
     loss_reduction: str
     released_noise_multiplier: float  # the gradients' noise, noise_multiplier but for adaptive clipping
+    shared_forwards: int = 0  # training forwards that shared a backward pass with an earlier one (their images left out)
 
 
 @dataclass
@@ -441,6 +451,11 @@ class DMAuditor:
         self._pending: list[torch.Tensor] = []  # the audited step's copied images, forward by forward
         self._pending_sizes: list[int] = []  # the images each of those forwards had (shadow mode copies fewer)
         self._copy_failed = False  # a copy of this step's batch failed (and was counted and logged)
+        # Training forwards of the audited step that came before the backward pass of an earlier one, and so share it
+        # (augmented views of one batch, say): Opacus sums the i-th images' gradients of all of them into one sample.
+        self._forward_copied = False  # the forward running now was copied (its output still to be watched)
+        self._awaiting_backward = False  # a copied forward's output has not had its backward pass yet
+        self._shared_forwards = 0  # forwards of this step that shared a backward pass with an earlier one
         self._warned: set[str] = set()  # what the user has been told once already (logger warnings)
         self._steps = 0
         # The steps the engine's accountant had accounted at this run's first step: a run resumed from a checkpoint
@@ -688,6 +703,7 @@ class DMAuditor:
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._on_step()))
         self._handles.append(model.register_forward_pre_hook(_ForwardHook(self._on_forward), with_kwargs=True))
+        self._handles.append(model.register_forward_hook(_ForwardHook(self._after_forward), with_kwargs=True))
         return self
 
     # ------------------------------------------------------------------ training thread
@@ -705,14 +721,39 @@ class DMAuditor:
         self._start_counting(inside_step=False)  # never raises
         if not self._is_audited(self._steps + 1):
             return
+        if self._awaiting_backward:
+            # Opacus adds this forward's per-sample gradients to the earlier one's, sample by sample: its images are
+            # no samples of their own (and shadow mode attacks the first forward's), so they are not copied.
+            self._shared_forwards += 1
+            return
         started = time.perf_counter()
         try:
+            self._forward_copied = True
             self._copy_batch(args, kwargs)
         except Exception:  # it runs inside the user's forward: count and log it, never raise it there
             self._copy_failed = True
             self._failed()
         finally:
             self._hook_seconds += time.perf_counter() - started
+
+    def _after_forward(self, module, args, kwargs, output) -> None:
+        """Watch a copied forward's output for its backward pass: a training forward before it shares that pass."""
+        if not self._forward_copied:
+            return
+        self._forward_copied = False
+        started = time.perf_counter()
+        try:
+            tensors = output_tensors(output)
+            for tensor in tensors:
+                tensor.register_hook(self._backward_reached)
+            self._awaiting_backward = bool(tensors)
+        except Exception:  # it runs inside the user's forward: count and log it, never raise it there
+            self._failed()
+        finally:
+            self._hook_seconds += time.perf_counter() - started
+
+    def _backward_reached(self, grad: torch.Tensor) -> None:
+        self._awaiting_backward = False
 
     def _copy_batch(self, args: tuple, kwargs: dict) -> None:
         where = image_argument(args, kwargs)
@@ -796,6 +837,8 @@ class DMAuditor:
         sizes, self._pending_sizes = self._pending_sizes, []
         copy_failed, self._copy_failed = self._copy_failed, False
         cut, self._imprint_cut = self._imprint_cut, False
+        shared, self._shared_forwards = self._shared_forwards, 0
+        self._awaiting_backward = self._forward_copied = False
         if not self._is_audited(step):
             return
         if self._distributed_inline:
@@ -815,6 +858,13 @@ class DMAuditor:
             return
         if copy_failed:
             return  # its batch is not whole
+        if shared and self.mode == "inline":
+            self._warn_once("shared backward", f"step {step} was due for an audit, but {shared} of its training "
+                            "forwards came before the backward pass of an earlier one (augmented views of one "
+                            "batch, say): Opacus sums the i-th images' gradients of all of them into one sample, so "
+                            "the imprint's bins hold mixtures of several images; these steps are not audited "
+                            "(training goes on): use mode='shadow', which attacks each sample's first image")
+            return
         if not pending:
             if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
                 self._warn_once("no batch", f"step {step} was due for an audit, but no training forward of the "
@@ -839,6 +889,7 @@ class DMAuditor:
             expected_batch_size=int(optimizer.expected_batch_size or sizes[0]),
             loss_reduction=optimizer.loss_reduction,
             released_noise_multiplier=released_noise_multiplier(optimizer),
+            shared_forwards=shared,
         )
         try:
             self._queue.put_nowait(job)
@@ -1021,6 +1072,13 @@ class DMAuditor:
                     noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
                     epsilon=self._epsilon(job.history, notes), delta=self.delta,
                     mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
+        if job.shared_forwards:
+            note = (f"{job.shared_forwards} training forward(s) of this step came before the backward pass of an "
+                    "earlier one (augmented views of one batch, say): Opacus sums the i-th images' gradients of all "
+                    "of them into one sample; the shadow imprint attacks each sample's image in the first forward "
+                    "as if it were the sample's only one (an attacker's bins would hold the mixture)")
+            notes.append(note)
+            self._warn_once("shared backward", note)
         if job.released_noise_multiplier != job.noise_multiplier:
             notes.append(f"adaptive clipping: the gradients carry noise multiplier {job.released_noise_multiplier:.4g}"
                          f" at this step's clipping norm {job.max_grad_norm:.4g}; the accountant's "

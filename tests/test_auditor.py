@@ -787,6 +787,36 @@ def test_gradient_accumulation_audits_the_whole_logical_batch(tmp_path, fashion_
     assert all(r.recovered > 10 and r.noisy["mse"] < 1e-10 for r in auditor.records)
 
 
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_forwards_sharing_one_backward_pass(tmp_path, fashion_images, tiny_prior_dir, mode, caplog):
+    # Two augmented views of each batch, one backward pass (augmentation multiplicity): Opacus sums the i-th images'
+    # gradients of both forwards into one sample. Both views used to join the audited batch as 64 samples, and as a
+    # flip keeps an image's bin, every view collided with its twin: nothing recovered, and nothing said. Shadow mode
+    # now attacks the first view (exactly, without noise); inline mode, whose rows hold the mixtures, says why it
+    # audits nothing. Gradient accumulation (a backward pass per forward) keeps all its images: see the test above.
+    model, optimizer, loader, auditor = private_run(
+        fashion_images[:128], batch=32, sigma=0.0,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=2, kappa_samples=0))
+    with caplog.at_level(logging.WARNING, logger="opacus_dmaudit"):
+        train_epoch(model, optimizer, loader)
+        for x, y in loader:
+            optimizer.zero_grad()
+            views = nn.functional.cross_entropy(model(x), y) + nn.functional.cross_entropy(model(x.flip(-1)), y)
+            views.backward()
+            optimizer.step()
+        auditor.close()
+    assert auditor.errors == 0
+    if mode == "shadow":
+        # The first epoch (one forward per step) has no note; the second epoch's audits attack the first views.
+        assert [(r.step, r.batch_size, r.attacked) for r in auditor.records] == [(s, 32, 32) for s in (2, 4, 6, 8)]
+        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-10 for r in auditor.records)
+        shared = ["before the backward pass of an earlier one" in " ".join(r.notes) for r in auditor.records]
+        assert shared == [False, False, True, True]
+    else:
+        assert [r.step for r in auditor.records] == [2, 4]
+        assert caplog.text.count("came before the backward pass") == 1 and "mode='shadow'" in caplog.text
+
+
 def audit_with_other_forwards(tmp_path, fashion_images, tiny_prior_dir, mode, between_steps):
     """Four DP-SGD steps of 32 training images, with ``between_steps(i, model, held_out)`` before each: other forwards,
     on held-out images, that must not join the audited batches (without noise, inline audits recover exactly)."""
