@@ -154,3 +154,41 @@ def test_prv_epsilons_and_bounds_compose_with_numpy_s_fft_on_their_own_thread_on
         holder.join()
     assert not calls  # the backend was the other thread's
 
+
+
+def test_each_order_s_rdp_is_computed_once_per_sigma_and_rate(monkeypatch):
+    # Opacus's PRV accountant sizes every grid from the RDP of each order, a pure-Python series (some 0.1 s per
+    # (sigma, q) on a 2-core CPU, holding the GIL): an audit's epsilon asked for it four times (its grid's size is
+    # checked first), every audit of a run anew, and the RDP fallback of the bound once per delta. Now Opacus's own
+    # function answers once per (q, sigma, order), and the figures stay its accountants' to the bit.
+    from opacus.accountants.analysis import rdp
+
+    calls = []
+    opacus_rdp = rdp._compute_rdp
+
+    def counting(q, sigma, alpha):
+        calls.append((q, sigma, alpha))
+        return opacus_rdp(q, sigma, alpha)
+
+    monkeypatch.setattr(rdp, "_compute_rdp", counting)
+    sigma, rate = 0.913, 0.0173  # no other test's: the memo lasts as long as the process
+    epsilon = history_epsilon([(sigma, rate, 40)], delta=1e-5)[0]
+    assert calls and len(set(calls)) == len(calls)
+    calls.clear()
+    later = history_epsilon([(sigma, rate, 80)], delta=1e-5)[0]
+    rdp_epsilon = history_epsilon([(sigma, rate, 80)], delta=1e-5, accountant=RDPAccountant)[0]
+    bounds._rero_bound_from_rdp(noise_multiplier=sigma, sample_rate=rate, steps=80, kappa=0.1)
+    assert not calls and rdp._compute_rdp is counting  # Opacus's own (here, the test's) again after each block
+    for history, value, cls in (([(sigma, rate, 40)], epsilon, PRVAccountant), ([(sigma, rate, 80)], later,
+                                                                                 PRVAccountant),
+                                ([(sigma, rate, 80)], rdp_epsilon, RDPAccountant)):
+        plain = cls()
+        plain.history = history
+        assert value == pytest.approx(plain.get_epsilon(1e-5), rel=1e-9, abs=0)
+    assert calls  # the plain accountants computed their own
+    # Blocks nest (the audit worker's beside a sweep's, say): the memo stands in until the last one ends.
+    with bounds.rdp_memoised():
+        with bounds.rdp_memoised():
+            pass
+        assert rdp._compute_rdp is bounds._memoised_rdp
+    assert rdp._compute_rdp is counting
