@@ -64,7 +64,7 @@ def run(variant: str, *, images, labels, args, device) -> dict:
     model = cnn(args.width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=args.batch)
-    engine = PrivacyEngine(accountant="rdp")
+    engine = PrivacyEngine(accountant=args.accountant)
     auditor = None
     mode = {"no auditor": None, "inline, no audits": "inline", EVEN_PRIORITY: "shadow"}.get(variant, variant)
     if mode is not None:
@@ -128,6 +128,8 @@ def main() -> None:
                         help="prior draws for the ReRo bound's kappa, once per auditor (DMAuditor's default; 0: none)")
     parser.add_argument("--grad-sample-mode", choices=("hooks", "ghost"), default="hooks",
                         help="Opacus's per-sample gradients (hooks, its default) or ghost clipping")
+    parser.add_argument("--accountant", choices=("prv", "rdp"), default="prv",
+                        help="the engine's accountant, whose epsilon each audit logs (prv: PrivacyEngine()'s default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-root", default="/tmp/opacus-dmaudit-bench")
     parser.add_argument("--json", default=None)
@@ -145,7 +147,7 @@ def main() -> None:
         if "capture_ms_per_audit" in row:
             row["capture_pct_of_step"] = 100 * row["capture_ms_per_audit"] / base
     name = device_name(device)
-    print(f"auditor overhead: {name}, {args.grad_sample_mode}, CNN width {args.width}, batch {args.batch}, "
+    print(f"auditor overhead: {name}, {args.grad_sample_mode}, {args.accountant} accountant, CNN width {args.width}, batch {args.batch}, "
           f"{args.steps} steps, audit every {args.every} ({args.sampler_steps} DDIM steps, <= "
           f"{args.max_reconstructions} images)")
     for row in rows:
