@@ -21,7 +21,7 @@ import functools
 import math
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 import scipy.fft
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from opacus_dmaudit.metrics import ImageMetrics
     from opacus_dmaudit.prior import DiffusionPrior
 
-__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "history_epsilon", "schedule_epsilon", "noise_multiplier_for_epsilon",
+__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "rero_bounds_dpsgd", "history_epsilon", "schedule_epsilon", "noise_multiplier_for_epsilon",
            "mu_gdp", "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS", "prv_grid_points", "check_prv_grid",
            "PRVGridTooLarge"]
 
@@ -228,51 +228,80 @@ def rero_bound_dpsgd(
     Raises:
         ValueError: for invalid arguments.
     """
-    _check(kappa, noise_multiplier, steps, sample_rate)
-    if kappa in (0.0, 1.0):
-        return kappa
+    return rero_bounds_dpsgd(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
+                             kappas={"": kappa}, eps_error=eps_error, delta_error=delta_error)[""]
+
+
+def rero_bounds_dpsgd(
+    *, noise_multiplier: float, sample_rate: float, steps: int, kappas: Mapping[str, float],
+    eps_error: float = 0.01, delta_error: float = 1e-9,
+) -> dict[str, float]:
+    """:func:`rero_bound_dpsgd` at several baselines (one per success criterion, say) from one composed privacy loss:
+    composing it and its privacy profile on a coarse grid are the bulk of the cost, and neither depends on kappa.
+
+    Raises:
+        ValueError: for invalid arguments.
+    """
+    for kappa in kappas.values():
+        _check(kappa, noise_multiplier, steps, sample_rate)
+    open_ = {key: kappa for key, kappa in kappas.items() if kappa not in (0.0, 1.0)}
+    if not open_:
+        return dict(kappas)
     try:
         dprv = _composed_prv(noise_multiplier, sample_rate, steps, eps_error, delta_error)
     except (MemoryError, ValueError, RuntimeError, OverflowError):
         # Tiny noise multipliers over many steps need an unmanageable PRV grid (hundreds of GiB). Any (eps, delta)
         # guarantee still bounds success by e^eps kappa + delta (Hayes et al. 2023): take RDP's best over delta.
-        return _rero_bound_from_rdp(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps,
-                                    kappa=kappa)
-    upper = float(dprv.domain.ts.max())
+        epsilons = _rdp_epsilons(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        return {key: _rero_bound_from_epsilons(epsilons, kappa) if key in open_ else kappa
+                for key, kappa in kappas.items()}
 
     def delta(eps: float) -> float:
         return min(1.0, max(0.0, float(dprv.compute_delta_estimate(eps))))
 
+    grid = np.linspace(0.0, max(float(dprv.domain.ts.max()), 1e-6), 64)
+    profile = np.array([delta(e) for e in grid])
+    return {key: _rero_bound_from_profile(delta, grid, profile, kappa) if key in open_ else kappa
+            for key, kappa in kappas.items()}
+
+
+def _rero_bound_from_profile(delta: Callable[[float], float], grid: np.ndarray, profile: np.ndarray,
+                             kappa: float) -> float:
+    """``inf_eps min(delta(eps) + e^eps kappa, 1 - e^-eps (1 - delta(eps) - kappa))``, from the privacy profile on
+    ``grid`` and a bounded search around each term's least grid value."""
     def first(eps: float) -> float:
         return delta(eps) + math.exp(eps) * kappa
 
     def second(eps: float) -> float:
         return 1.0 - math.exp(-eps) * (1.0 - delta(eps) - kappa)
 
-    best = min(first(0.0), second(0.0))
     # Both terms are convex in eps (delta is a convex, decreasing privacy profile): a bounded 1-D search suffices;
-    # a coarse grid first guards against flat stretches.
-    grid = np.linspace(0.0, max(upper, 1e-6), 64)
-    for term in (first, second):
-        values = [term(e) for e in grid]
+    # the coarse grid first guards against flat stretches.
+    best = 1.0
+    for term, values in ((first, profile + np.exp(grid) * kappa), (second, 1.0 - np.exp(-grid) * (1.0 - profile - kappa))):
         i = int(np.argmin(values))
         lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
         result = minimize_scalar(term, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
-        best = min(best, float(result.fun), min(values))
+        best = min(best, float(result.fun), float(values.min()))
     return float(min(1.0, max(kappa, best)))
 
 
-def _rero_bound_from_rdp(*, noise_multiplier: float, sample_rate: float, steps: int, kappa: float) -> float:
+def _rdp_epsilons(*, noise_multiplier: float, sample_rate: float, steps: int) -> dict[float, float]:
+    """RDP's epsilon of the schedule at each delta that :func:`_rero_bound_from_epsilons` tries."""
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
-    best = 1.0
     with rdp_memoised():  # the orders' RDP once, not once per delta
-        for delta in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2, 0.1, 0.2):
-            eps = float(accountant.get_epsilon(delta))
-            if eps < 700:  # e^eps overflows beyond; the bound is 1 there anyway
-                best = min(best, math.exp(eps) * kappa + delta)
+        return {delta: float(accountant.get_epsilon(delta))
+                for delta in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2, 0.1, 0.2)}
+
+
+def _rero_bound_from_epsilons(epsilons: dict[float, float], kappa: float) -> float:
+    best = 1.0
+    for delta, eps in epsilons.items():
+        if eps < 700:  # e^eps overflows beyond; the bound is 1 there anyway
+            best = min(best, math.exp(eps) * kappa + delta)
     return float(max(kappa, best))
 
 

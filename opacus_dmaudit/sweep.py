@@ -23,8 +23,8 @@ from typing import Sequence
 
 import torch
 
-from opacus_dmaudit.bounds import (estimate_kappa, mu_gdp, noise_multiplier_for_epsilon, rero_bound_dpsgd,
-                                   rero_bound_gdp, schedule_epsilon)
+from opacus_dmaudit.bounds import (estimate_kappa, mu_gdp, noise_multiplier_for_epsilon, rero_bound_gdp,
+                                   rero_bounds_dpsgd, schedule_epsilon)
 from opacus_dmaudit.data import adapt_to_prior
 from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, success_rates, summarize
 from opacus_dmaudit.prior import DiffusionPrior
@@ -194,13 +194,11 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
     recon_values = metrics(output.images, originals)
     epsilons = schedule_epsilon(noise_multiplier=sigma, sample_rate=config.sample_rate, steps=steps_total,
                                 delta=config.delta)
-    bounds: dict[str, float | None] = {}
-    for key, k in kappa.items():
-        try:
-            bounds[key] = rero_bound_dpsgd(noise_multiplier=sigma, sample_rate=config.sample_rate,
-                                           steps=steps_total, kappa=k)
-        except RuntimeError:  # Opacus's PRV discretisation fails at tiny noise multipliers
-            bounds[key] = None
+    try:
+        bounds: dict[str, float | None] = dict(rero_bounds_dpsgd(
+            noise_multiplier=sigma, sample_rate=config.sample_rate, steps=steps_total, kappas=kappa))
+    except RuntimeError:  # Opacus's PRV discretisation fails at tiny noise multipliers
+        bounds = dict.fromkeys(kappa)
 
     def quantiles(values: torch.Tensor) -> dict[str, float]:
         levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
