@@ -204,7 +204,7 @@ class _Job:
     expected_batch_size: int
     loss_reduction: str
     released_noise_multiplier: float  # the gradients' noise, noise_multiplier but for adaptive clipping
-    shared_forwards: int = 0  # training forwards that shared a backward pass with an earlier one (their images left out)
+    shared_forwards: int = 0  # forwards that shared an earlier one's backward pass (their images left out)
 
 
 @dataclass

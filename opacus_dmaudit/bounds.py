@@ -36,9 +36,9 @@ if TYPE_CHECKING:
     from opacus_dmaudit.metrics import ImageMetrics
     from opacus_dmaudit.prior import DiffusionPrior
 
-__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "rero_bounds_dpsgd", "history_epsilon", "schedule_epsilon", "noise_multiplier_for_epsilon",
-           "mu_gdp", "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS", "prv_grid_points", "check_prv_grid",
-           "PRVGridTooLarge"]
+__all__ = ["rero_bound_gdp", "rero_bound_dpsgd", "rero_bounds_dpsgd", "history_epsilon", "schedule_epsilon",
+           "noise_multiplier_for_epsilon", "mu_gdp", "estimate_kappa", "ScheduleBound", "PRV_MAX_GRID_POINTS",
+           "prv_grid_points", "check_prv_grid", "PRVGridTooLarge", "rdp_memoised", "opacus_accounting"]
 
 # Opacus's PRV accountant discretises the composed privacy loss on a grid that grows without bound as the noise
 # multiplier shrinks: 7.7e8 points at sigma 0.1, q = 64/60000 over 9,375 steps. Linux lets numpy reserve that much
@@ -278,7 +278,8 @@ def _rero_bound_from_profile(delta: Callable[[float], float], grid: np.ndarray, 
     # Both terms are convex in eps (delta is a convex, decreasing privacy profile): a bounded 1-D search suffices;
     # the coarse grid first guards against flat stretches.
     best = 1.0
-    for term, values in ((first, profile + np.exp(grid) * kappa), (second, 1.0 - np.exp(-grid) * (1.0 - profile - kappa))):
+    on_grid = (profile + np.exp(grid) * kappa, 1.0 - np.exp(-grid) * (1.0 - profile - kappa))
+    for term, values in zip((first, second), on_grid):
         i = int(np.argmin(values))
         lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
         result = minimize_scalar(term, bounds=(lo, hi), method="bounded", options={"xatol": 1e-6})
