@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from opacus_dmaudit.bounds import estimate_kappa, history_epsilon, rero_bound_gdp
+from opacus_dmaudit.bounds import PRV_AUDIT_MAX_WORK, estimate_kappa, history_epsilon, rero_bound_gdp
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
                                     chain_step_hook, released_noise_multiplier)
 from opacus_dmaudit.data import denormalize
@@ -1210,8 +1210,10 @@ class DMAuditor:
             return float("inf")
         try:
             # The audited step's history, copied: the training thread keeps appending to the accountant's own. A PRV
-            # grid too large for memory (small sigma) gives way to RDP's epsilon, noted in the record.
-            epsilon, note = history_epsilon(history, delta=self.delta, accountant=type(accountant))
+            # grid too large for memory (small sigma), or a composition too long for an audit (a noise schedule's
+            # many sigmas), gives way to RDP's epsilon, noted in the record.
+            epsilon, note = history_epsilon(history, delta=self.delta, accountant=type(accountant),
+                                            max_work=PRV_AUDIT_MAX_WORK)
         except Exception as exc:
             notes.append(f"epsilon unavailable: {exc}")
             return None

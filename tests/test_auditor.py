@@ -573,6 +573,20 @@ def test_records_stay_in_step_order_when_a_shared_pass_finishes_late(tmp_path, f
     assert [(r.step, r.recovered, r.collisions) for r in auditor.records[2:]] == [(3, 0, 1)]
 
 
+def test_an_audit_s_epsilon_caps_the_prv_composition_s_work(tmp_path, tiny_prior_dir, monkeypatch):
+    # A noise schedule that changes sigma every epoch (Opacus's ExponentialNoise) leaves one mechanism per epoch:
+    # one audit's PRV epsilon took 86 to 100 s after 50 such epochs on the 2-core CPU. Above bounds.PRV_AUDIT_MAX_WORK
+    # (lowered here, so the test stays short) the audit logs RDP's epsilon and says why.
+    from opacus_dmaudit import auditor as auditor_module
+
+    monkeypatch.setattr(auditor_module, "PRV_AUDIT_MAX_WORK", 10**6)
+    auditor = DMAuditor(PrivacyEngine(), prior=tiny_prior_dir, log_dir=tmp_path / "audit", kappa_samples=0)
+    notes: list[str] = []
+    epsilon = auditor._epsilon([(0.98**i, 256 / 60000, 234) for i in range(10)], notes)
+    auditor.close(wait=False)
+    assert epsilon > 0 and len(notes) == 1 and "RDP accountant" in notes[0] and "the 10 mechanisms" in notes[0]
+
+
 def test_a_compiled_prior_never_compiles_in_the_worker(tmp_path, fashion_images, tiny_prior_dir):
     """torch.compile restores the global RNG after tracing, which would rewind the training thread's random numbers
     (DP-SGD noise among them) if it ran on the audit worker during training. Frozen, a prior runs compiled code only

@@ -211,3 +211,17 @@ def test_each_order_s_rdp_is_computed_once_per_sigma_and_rate(monkeypatch):
             pass
         assert rdp._compute_rdp is bounds._memoised_rdp
     assert rdp._compute_rdp is counting
+
+
+def test_a_history_of_many_mechanisms_gets_rdp_s_epsilon_above_the_work_cap(prv_grids_built):
+    # A noise schedule that changes sigma every epoch leaves one mechanism per epoch, and the PRV accountant composes
+    # each on the whole grid: 50 epochs of a decaying sigma took 86 to 100 s per epsilon on the 2-core CPU. Above the cap
+    # (here lowered, so the test stays short) RDP answers, with the reason, and no PRV grid is built.
+    history = [(0.98**i, 256 / 60000, 234) for i in range(10)]  # 10 mechanisms on about 2e5 points
+    assert prv_grid_points(history, delta_error=1e-8) * len(history) > 10**6
+    epsilon, note = history_epsilon(history, delta=1e-5, max_work=10**6)
+    plain = RDPAccountant()
+    plain.history = list(history)
+    assert epsilon == pytest.approx(plain.get_epsilon(1e-5), rel=1e-9) and not prv_grids_built
+    assert "RDP" in note and "the 10 mechanisms" in note
+    assert history_epsilon(history, delta=1e-5, max_work=10**8)[1] is None and len(prv_grids_built) == 1
