@@ -98,8 +98,13 @@ _rdp_blocks = 0  # rdp_memoised() blocks running, on any thread
 _rdp_opacus: Callable | None = None  # Opacus's function, while the memoised one stands in for it
 
 
-@functools.lru_cache(maxsize=1 << 15)  # about 200 (sigma, q) pairs, some 8 MB
 def _memoised_rdp(q: float, sigma: float, alpha: float) -> float:
+    # Keyed by value: a tensor or NumPy scalar sigma hashes by identity or type, and a tensor can change in place.
+    return _rdp_by_value(float(q), float(sigma), float(alpha))
+
+
+@functools.lru_cache(maxsize=1 << 15)  # about 200 (sigma, q) pairs, some 8 MB
+def _rdp_by_value(q: float, sigma: float, alpha: float) -> float:
     return _rdp_opacus(q, sigma, alpha)
 
 
