@@ -174,9 +174,8 @@ def test_prv_epsilons_and_bounds_compose_with_numpy_s_fft_on_their_own_thread_on
     assert not calls  # the backend was the other thread's
 
 
-
 def test_each_order_s_rdp_is_computed_once_per_sigma_and_rate(monkeypatch):
-    # Opacus's PRV accountant sizes every grid from the RDP of each order, a pure-Python series (some 0.1 s per
+    # Opacus's PRV accountant sizes every grid from the RDP of each order, a pure-Python series (some 0.2 s per
     # (sigma, q) on a 2-core CPU, holding the GIL): an audit's epsilon asked for it four times (its grid's size is
     # checked first), every audit of a run anew, and the RDP fallback of the bound once per delta. Now Opacus's own
     # function answers once per (q, sigma, order), and the figures stay its accountants' to the bit.
@@ -198,11 +197,10 @@ def test_each_order_s_rdp_is_computed_once_per_sigma_and_rate(monkeypatch):
     rdp_epsilon = history_epsilon([(sigma, rate, 80)], delta=1e-5, accountant=RDPAccountant)[0]
     bounds._rdp_epsilons(noise_multiplier=sigma, sample_rate=rate, steps=80)  # the bound's RDP fallback
     assert not calls and rdp._compute_rdp is counting  # Opacus's own (here, the test's) again after each block
-    for history, value, cls in (([(sigma, rate, 40)], epsilon, PRVAccountant), ([(sigma, rate, 80)], later,
-                                                                                 PRVAccountant),
-                                ([(sigma, rate, 80)], rdp_epsilon, RDPAccountant)):
+    answers = {(PRVAccountant, 40): epsilon, (PRVAccountant, 80): later, (RDPAccountant, 80): rdp_epsilon}
+    for (cls, steps), value in answers.items():
         plain = cls()
-        plain.history = history
+        plain.history = [(sigma, rate, steps)]
         assert value == pytest.approx(plain.get_epsilon(1e-5), rel=1e-9, abs=0)
     assert calls  # the plain accountants computed their own
     # Blocks nest (the audit worker's beside a sweep's, say): the memo stands in until the last one ends.
@@ -215,8 +213,8 @@ def test_each_order_s_rdp_is_computed_once_per_sigma_and_rate(monkeypatch):
 
 def test_a_history_of_many_mechanisms_gets_rdp_s_epsilon_above_the_work_cap(prv_grids_built):
     # A noise schedule that changes sigma every epoch leaves one mechanism per epoch, and the PRV accountant composes
-    # each on the whole grid: 50 epochs of a decaying sigma took 86 to 100 s per epsilon on the 2-core CPU. Above the cap
-    # (here lowered, so the test stays short) RDP answers, with the reason, and no PRV grid is built.
+    # each on the whole grid: 50 epochs of a decaying sigma took 86 to 100 s per epsilon on the 2-core CPU. Above the
+    # cap (here lowered, so the test stays short) RDP answers, with the reason, and no PRV grid is built.
     history = [(0.98**i, 256 / 60000, 234) for i in range(10)]  # 10 mechanisms on about 2e5 points
     assert prv_grid_points(history, delta_error=1e-8) * len(history) > 10**6
     epsilon, note = history_epsilon(history, delta=1e-5, max_work=10**6)
