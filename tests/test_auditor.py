@@ -831,6 +831,29 @@ def test_forwards_sharing_one_backward_pass(tmp_path, fashion_images, tiny_prior
         assert caplog.text.count("came before the backward pass") == 1 and "mode='shadow'" in caplog.text
 
 
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_audits_follow_opacus_s_noise_and_clipping_schedulers(tmp_path, fashion_images, tiny_prior_dir, mode):
+    # Opacus's schedulers change the optimizer's noise multiplier and clipping norm between epochs: each audit takes
+    # the step's own. An isolated image's noise std in pixels is sigma times its gradient's norm over its bias
+    # gradient, whatever C clips it to, so it halves with sigma (steps 2 and 6, 6 and 10 see the same batch).
+    from opacus.schedulers import ExponentialNoise, StepGradClip
+
+    model, optimizer, loader, auditor = private_run(
+        fashion_images[:128], batch=32, sigma=0.5,
+        auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, mode=mode, every=2, kappa_samples=0))
+    noise, clipping = ExponentialNoise(optimizer, gamma=0.5), StepGradClip(optimizer, step_size=1, gamma=0.5)
+    for _ in range(3):
+        train_epoch(model, optimizer, loader)
+        noise.step()
+        clipping.step()
+    auditor.close()
+    records = auditor.records
+    assert [(r.step, r.noise_multiplier, r.max_grad_norm) for r in records] == [
+        (2, 0.5, 1.0), (4, 0.5, 1.0), (6, 0.25, 0.5), (8, 0.25, 0.5), (10, 0.125, 0.25), (12, 0.125, 0.25)]
+    for earlier, later in ((records[0], records[2]), (records[2], records[4])):
+        assert later.noise_std_median == pytest.approx(earlier.noise_std_median / 2, rel=0.02)
+
+
 def audit_with_other_forwards(tmp_path, fashion_images, tiny_prior_dir, mode, between_steps):
     """Four DP-SGD steps of 32 training images, with ``between_steps(i, model, held_out)`` before each: other forwards,
     on held-out images, that must not join the audited batches (without noise, inline audits recover exactly)."""
