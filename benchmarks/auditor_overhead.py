@@ -10,6 +10,8 @@ On CUDA each row also gives the device memory's peak from the auditor's creation
 allocates on its own stream, and the caching allocator does not lend those blocks to training's stream, so what the
 auditor holds adds to training's peak. ``--grad-sample-mode ghost`` trains with Opacus's ghost clipping (its
 criterion wrapped by ``make_private``), where the inline imprint's rows, a linear layer, need no per-sample gradient.
+``--accountant`` is the engine's (PRV by default, as ``PrivacyEngine()``): each audit logs its epsilon, computed on
+the worker beside training.
 
     python benchmarks/auditor_overhead.py --steps 40 --every 10 --json out.json
 """
