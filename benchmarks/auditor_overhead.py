@@ -149,8 +149,8 @@ def main() -> None:
         if "capture_ms_per_audit" in row:
             row["capture_pct_of_step"] = 100 * row["capture_ms_per_audit"] / base
     name = device_name(device)
-    print(f"auditor overhead: {name}, {args.grad_sample_mode}, {args.accountant} accountant, CNN width {args.width}, batch {args.batch}, "
-          f"{args.steps} steps, audit every {args.every} ({args.sampler_steps} DDIM steps, <= "
+    print(f"auditor overhead: {name}, {args.grad_sample_mode}, {args.accountant} accountant, CNN width {args.width}, "
+          f"batch {args.batch}, {args.steps} steps, audit every {args.every} ({args.sampler_steps} DDIM steps, <= "
           f"{args.max_reconstructions} images)")
     for row in rows:
         extra = ""
