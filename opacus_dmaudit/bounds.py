@@ -264,25 +264,27 @@ def rero_bounds_dpsgd(
     """
     for kappa in kappas.values():
         _check(kappa, noise_multiplier, steps, sample_rate)
-    open_ = {key: kappa for key, kappa in kappas.items() if kappa not in (0.0, 1.0)}
-    if not open_:
-        return dict(kappas)
+    if all(kappa in (0.0, 1.0) for kappa in kappas.values()):
+        return dict(kappas)  # no attacker beats a certain baseline, nor falls below it: nothing to compose
     try:
         dprv = _composed_prv(noise_multiplier, sample_rate, steps, eps_error, delta_error)
     except (MemoryError, ValueError, RuntimeError, OverflowError):
         # Tiny noise multipliers over many steps need an unmanageable PRV grid (hundreds of GiB). Any (eps, delta)
         # guarantee still bounds success by e^eps kappa + delta (Hayes et al. 2023): take RDP's best over delta.
         epsilons = _rdp_epsilons(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        return {key: _rero_bound_from_epsilons(epsilons, kappa) if key in open_ else kappa
-                for key, kappa in kappas.items()}
 
-    def delta(eps: float) -> float:
-        return min(1.0, max(0.0, float(dprv.compute_delta_estimate(eps))))
+        def bound(kappa: float) -> float:
+            return _rero_bound_from_epsilons(epsilons, kappa)
+    else:
+        def delta(eps: float) -> float:
+            return min(1.0, max(0.0, float(dprv.compute_delta_estimate(eps))))
 
-    grid = np.linspace(0.0, max(float(dprv.domain.ts.max()), 1e-6), 64)
-    profile = np.array([delta(e) for e in grid])
-    return {key: _rero_bound_from_profile(delta, grid, profile, kappa) if key in open_ else kappa
-            for key, kappa in kappas.items()}
+        grid = np.linspace(0.0, max(float(dprv.domain.ts.max()), 1e-6), 64)
+        profile = np.array([delta(e) for e in grid])
+
+        def bound(kappa: float) -> float:
+            return _rero_bound_from_profile(delta, grid, profile, kappa)
+    return {key: kappa if kappa in (0.0, 1.0) else bound(kappa) for key, kappa in kappas.items()}
 
 
 def _rero_bound_from_profile(delta: Callable[[float], float], grid: np.ndarray, profile: np.ndarray,
