@@ -99,6 +99,11 @@ class _InertForwardHook:
         return None
 
 
+# What Opacus makes of a training forward that comes before an earlier one's backward pass (warning and note).
+SHARED_BACKWARD = ("came before the backward pass of an earlier one (augmented views of one batch, say): Opacus sums "
+                   "the i-th images' gradients of all of them into one sample")
+
+
 def output_tensors(output) -> list[torch.Tensor]:
     """The tensors of a model's output that a loss can be computed from: the output itself, or the tensors of a
     tuple, list or mapping (a Hugging Face ``ModelOutput`` is one) that require gradients."""
@@ -860,10 +865,9 @@ class DMAuditor:
             return  # its batch is not whole
         if shared and self.mode == "inline":
             self._warn_once("shared backward", f"step {step} was due for an audit, but {shared} of its training "
-                            "forwards came before the backward pass of an earlier one (augmented views of one "
-                            "batch, say): Opacus sums the i-th images' gradients of all of them into one sample, so "
-                            "the imprint's bins hold mixtures of several images; these steps are not audited "
-                            "(training goes on): use mode='shadow', which attacks each sample's first image")
+                            f"forwards {SHARED_BACKWARD}, so the imprint's bins hold mixtures of several images; "
+                            "these steps are not audited (training goes on): use mode='shadow', which attacks each "
+                            "sample's first image")
             return
         if not pending:
             if "input shape" not in self._warned:  # no forward the auditor could read, and no reason given
@@ -1073,10 +1077,9 @@ class DMAuditor:
                     epsilon=self._epsilon(job.history, notes), delta=self.delta,
                     mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
         if job.shared_forwards:
-            note = (f"{job.shared_forwards} training forward(s) of this step came before the backward pass of an "
-                    "earlier one (augmented views of one batch, say): Opacus sums the i-th images' gradients of all "
-                    "of them into one sample; the shadow imprint attacks each sample's image in the first forward "
-                    "as if it were the sample's only one (an attacker's bins would hold the mixture)")
+            note = (f"{job.shared_forwards} training forward(s) of this step {SHARED_BACKWARD}; the shadow imprint "
+                    "attacks each sample's image in the first forward as if it were the sample's only one (an "
+                    "attacker's bins would hold the mixture)")
             notes.append(note)
             self._warn_once("shared backward", note)
         if job.released_noise_multiplier != job.noise_multiplier:
