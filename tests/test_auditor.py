@@ -564,10 +564,8 @@ def test_records_stay_in_step_order_when_a_shared_pass_finishes_late(tmp_path, f
         fashion_images[:64], batch=32, sigma=0.0,
         auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=1, on_audit=hold_first_audit, kappa_samples=0))
     labels = torch.zeros(32, dtype=torch.long)
-    for x in (fashion_images[:32], fashion_images[32:64], fashion_images[64:65].expand(32, -1, -1, -1)):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), labels).backward()
-        optimizer.step()
+    batches = (fashion_images[:32], fashion_images[32:64], fashion_images[64:65].expand(32, -1, -1, -1))
+    train_epoch(model, optimizer, [(x, labels) for x in batches])
     auditor.close()
     assert [(r.step, r.audits_in_pass, r.recovered > 0) for r in auditor.records[:2]] == [(1, 1, True), (2, 1, True)]
     assert [(r.step, r.recovered, r.collisions) for r in auditor.records[2:]] == [(3, 0, 1)]
