@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -121,6 +122,13 @@ def accounted_steps(accountant) -> int:
         return 0
 
 
+def copied_event(device: torch.device):
+    """A CUDA event recorded on ``device``'s current stream: it passes once the GPU has run what was queued before."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 def expected_isolated(batch_size: int, bins: int) -> float:
     """Expected images alone in their bin when ``batch_size`` images fall into ``bins`` equally likely bins (the
     bins are calibrated at the measurement's quantiles)."""
@@ -200,7 +208,7 @@ class AuditRecord:
 @dataclass
 class _Job:
     step: int
-    batch: torch.Tensor  # the images the audit needs: in shadow mode the first `bins` of the step's batch
+    parts: list[torch.Tensor]  # each copied forward's images the audit needs (shadow mode: the step's first `bins`)
     batch_size: int  # the step's whole batch
     captured: CapturedGradients | None
     history: list
@@ -210,6 +218,22 @@ class _Job:
     loss_reduction: str
     released_noise_multiplier: float  # the gradients' noise, noise_multiplier but for adaptive clipping
     shared_forwards: int = 0  # forwards that shared an earlier one's backward pass (their images left out)
+    # CUDA events recorded on training's streams after the step's copies and capture: the training thread queues its
+    # device-to-host copies without waiting for the GPU, so the copied images (pinned memory) and the captured
+    # gradients are whole only once these have passed, and the worker waits for them (wait()).
+    ready: list = field(default_factory=list)
+
+    def wait(self) -> None:
+        """Block this (the worker's) thread until the GPU has made the step's copies and captured its gradients."""
+        for event in self.ready:
+            event.synchronize()
+        self.ready = []
+
+    @functools.cached_property
+    def batch(self) -> torch.Tensor:
+        """The images the audit needs, in one tensor (one forward's copy is not copied again)."""
+        self.wait()
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
 
 
 @dataclass
@@ -454,6 +478,7 @@ class DMAuditor:
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
         self._pending: list[torch.Tensor] = []  # the audited step's copied images, forward by forward
+        self._pending_ready: list = []  # CUDA events after those copies that are still queued on the GPU
         self._pending_sizes: list[int] = []  # the images each of those forwards had (shadow mode copies fewer)
         self._copy_failed = False  # a copy of this step's batch failed (and was counted and logged)
         # Training forwards of the audited step that came before the backward pass of an earlier one, and so share it
@@ -769,7 +794,14 @@ class DMAuditor:
                             "nn.Flatten()); these steps are not audited")
         elif batch is not None:
             # The only work on the training thread: one copy of the images the audit needs.
-            self._pending.append(batch[: self._images_to_copy()].detach().to("cpu", copy=True))
+            images = batch[: self._images_to_copy()].detach()
+            if images.is_cuda:
+                # Queued on training's stream into pinned memory: a blocking copy would make the training thread wait
+                # until the GPU has run everything queued before it. The worker waits for the event instead.
+                self._pending.append(images.to("cpu", non_blocking=True))
+                self._pending_ready.append(copied_event(images.device))
+            else:
+                self._pending.append(images.to("cpu", copy=True))
             self._pending_sizes.append(int(batch.shape[0]))
 
     def _start_counting(self, *, inside_step: bool) -> None:
@@ -839,6 +871,7 @@ class DMAuditor:
     def _enqueue(self, step: int) -> None:
         self._steps = step
         pending, self._pending = self._pending, []
+        ready, self._pending_ready = self._pending_ready, []
         sizes, self._pending_sizes = self._pending_sizes, []
         copy_failed, self._copy_failed = self._copy_failed, False
         cut, self._imprint_cut = self._imprint_cut, False
@@ -847,7 +880,11 @@ class DMAuditor:
         if not self._is_audited(step):
             return
         if self._distributed_inline:
-            # Rank 0 needs every rank's samples to match bins to images: gather the batches in rank order.
+            # Rank 0 needs every rank's samples to match bins to images: gather the batches in rank order (the
+            # collective waits for the ranks anyway, so this thread waits for its copies here).
+            for event in ready:
+                event.synchronize()
+            ready = []
             local = torch.cat(pending) if pending else torch.zeros(0)
             gathered: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, local)
@@ -882,9 +919,12 @@ class DMAuditor:
         captured = latest if latest is not None and latest.step == step else None  # inline: this step's capture
         if self.mode == "inline" and captured is None:
             return  # the capture failed, and was counted and logged where it did
+        if captured is not None and captured.weight.is_cuda:
+            ready.append(copied_event(captured.weight.device))  # the capture's copies are queued on the GPU too
         job = _Job(
             step=step,
-            batch=pending[0] if len(pending) == 1 else torch.cat(pending),  # one forward: no second copy
+            parts=pending,
+            ready=ready,
             captured=captured,
             history=list(getattr(accountant, "history", [])),
             noise_multiplier=float(optimizer.noise_multiplier),
@@ -1071,6 +1111,7 @@ class DMAuditor:
     def _recover(self, job: _Job) -> _Recovered | AuditRecord:
         """The attack up to the noisy images: the shadow step or the captured gradients, then recovery."""
         started = time.perf_counter()
+        job.wait()  # a CUDA step's copies and capture may still be queued behind training's kernels
         notes: list[str] = []
         base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=job.batch_size,
                     noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,

@@ -678,6 +678,58 @@ def test_inline_audits_on_cuda_note_tf32_while_it_is_on(tmp_path, fashion_images
     assert notes_of_audits("highest") == [False, False]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copies under test are queued on a CUDA device")
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_cuda_training_never_waits_for_the_audits_copies_and_the_worker_does(tmp_path, fashion_images,
+                                                                            tiny_prior_dir, mode):
+    # The training thread queues an audited step's copies on the GPU (the images into pinned memory; inline, the
+    # captured gradients too) and goes on; the worker waits for them. Here the forward and the backward pass of the
+    # second and third steps are queued behind half a second of GPU spin each: the training thread must come back
+    # from both while the spin still runs (a blocking copy would have waited for it), and the audits must equal a run
+    # without the spin (one that read its images or gradients before the GPU wrote them would recover other images).
+    device = torch.device("cuda", torch.cuda.current_device())
+    stream = torch.cuda.current_stream(device)
+    spin_cycles = 10**9  # about 0.5 s at an H100's or H200's clock
+
+    def run(folder, *, spin):
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(fashion_images[:192], torch.randint(0, 10, (192,))), batch_size=64)
+        engine = PrivacyEngine(accountant="rdp")
+        auditor = DMAuditor(engine, **audit_kwargs(folder, tiny_prior_dir, mode=mode, every=1, device="cuda"))
+        model = tiny_cnn().to(device)
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+        # Page-locked blocks for the copies, cached by torch's host allocator beforehand: a new one is the CUDA
+        # driver's allocation, which may wait for the device (while the cache grows; not the auditor's own wait).
+        blocks = [torch.empty((64, *fashion_images.shape[1:]), pin_memory=True) for _ in range(4)]
+        del blocks
+        busy = []  # per spun forward and step: whether the GPU was still spinning when it returned
+        for index, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            spun = spin and index > 0  # the first step allocates (cudaMalloc may synchronise)
+            optimizer.zero_grad()
+            if spun:
+                torch.cuda._sleep(spin_cycles)
+            output = model(x)
+            if spun:
+                busy.append(not stream.query())
+                torch.cuda._sleep(spin_cycles)
+            nn.functional.cross_entropy(output, y).backward()
+            optimizer.step()
+            if spun:
+                busy.append(not stream.query())
+        auditor.close()
+        assert auditor.errors == 0 and len(auditor.records) == 3, auditor.records
+        assert all(r.recovered > 5 and r.noisy["mse"] < 1e-8 for r in auditor.records), auditor.records
+        return [(r.step, r.recovered, r.collisions) for r in auditor.records], busy
+
+    audited, busy = run(tmp_path / "spun", spin=True)
+    assert busy == [True] * 4
+    assert audited == run(tmp_path / "plain", spin=False)[0]
+
+
 def test_no_originals_option_and_bad_arguments(tmp_path, fashion_images, tiny_prior_dir):
     _, auditor, _ = train(fashion_images, steps=5,
                           auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, log_originals=False))
