@@ -129,6 +129,12 @@ def copied_event(device: torch.device):
     return event
 
 
+def wait_for(events: list) -> None:
+    """Block the calling thread until each of :func:`copied_event`'s events has passed."""
+    for event in events:
+        event.synchronize()
+
+
 def expected_isolated(batch_size: int, bins: int) -> float:
     """Expected images alone in their bin when ``batch_size`` images fall into ``bins`` equally likely bins (the
     bins are calibrated at the measurement's quantiles)."""
@@ -225,8 +231,7 @@ class _Job:
 
     def wait(self) -> None:
         """Block this (the worker's) thread until the GPU has made the step's copies and captured its gradients."""
-        for event in self.ready:
-            event.synchronize()
+        wait_for(self.ready)
         self.ready = []
 
     @functools.cached_property
@@ -882,8 +887,7 @@ class DMAuditor:
         if self._distributed_inline:
             # Rank 0 needs every rank's samples to match bins to images: gather the batches in rank order (the
             # collective waits for the ranks anyway, so this thread waits for its copies here).
-            for event in ready:
-                event.synchronize()
+            wait_for(ready)
             ready = []
             local = torch.cat(pending) if pending else torch.zeros(0)
             gathered: list = [None] * torch.distributed.get_world_size()
