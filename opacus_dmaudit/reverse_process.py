@@ -339,6 +339,10 @@ class ReverseProcess:
         self.captured_threads: set[int] = set()
         """Idents of the threads that have captured a CUDA graph (likewise)."""
         self._lock = threading.Lock()
+        # Passes once the GPU has run the last graph replays and read their result: the next caller may queue its
+        # work on another stream (the audit worker's, a user's reconstruct on the training thread), and its writes to
+        # the same static buffers must wait for it there, as the lock makes its host calls wait.
+        self._graphs_released = None
         self.fallbacks: list[str] = []
         """Why a speed option was switched off (empty while every configured option runs)."""
 
@@ -469,12 +473,18 @@ class ReverseProcess:
                     raise _CaptureError("CUDA graph capture failed") from exc
                 self._graphs[key] = graphed
                 self.captured_threads.add(threading.get_ident())
+            stream = torch.cuda.current_stream(self.device)
+            if self._graphs_released is not None:
+                stream.wait_event(self._graphs_released)
             graphed.x.copy_(x)
             for j in range(plan.num_steps):
                 if plan.stochastic:
                     graphed.noise.normal_(generator=generator)
                 graphed(timesteps[j], coefficients[j])
-            return graphed.x.clone()
+            result = graphed.x.clone()
+            self._graphs_released = torch.cuda.Event()
+            self._graphs_released.record(stream)
+            return result
         for j in range(plan.num_steps):
             if plan.stochastic:
                 noise.normal_(generator=generator)

@@ -176,6 +176,35 @@ def test_cuda_fast_path_matches_eager_fp32(tiny_prior_dir, fashion_images, sampl
             assert abs(float(runs[name].images.mean() - runs["eager"].images.mean())) < 0.05
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@torch.no_grad()
+def test_cuda_graph_replays_queued_on_two_streams_keep_their_buffers_apart(tiny_prior_dir):
+    # The graphs' static buffers are shared by every caller, and the lock orders only their host calls: a caller on
+    # another stream (the audit worker's) would otherwise overwrite the buffers while the GPU still replays the last
+    # caller's steps. A's 1,000 DDPM steps are queued in milliseconds and run for far longer, so B, queued right after
+    # on a stream of its own, lands in the middle of them unless it waits for them.
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cuda",
+                                           fast_path=FastPathConfig(precision="fp32", compile=False, cuda_graphs=True))
+    process = prior.reverse_process
+    plan = plan_ddpm(torch.full((8,), 999), alphas_cumprod=prior.alphas_cumprod)
+    inputs = [torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda() for seed in (0, 1)]
+
+    def run(x, seed, stream):
+        with torch.cuda.stream(stream):
+            return process.run(x, plan, generator=torch.Generator("cuda").manual_seed(seed), batch_size=8)
+
+    default = torch.cuda.current_stream()
+    expected = [run(x, seed, default).cpu() for seed, x in enumerate(inputs)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(default)
+    results = [run(x, seed, stream) for seed, x, stream in zip((0, 1), inputs, streams)]
+    torch.cuda.synchronize()
+    assert process.describe() == "fp32 + cuda_graphs" and not process.fallbacks
+    for result, reference in zip(results, expected):
+        torch.testing.assert_close(result.cpu(), reference, atol=1e-6, rtol=0)
+
+
 def test_the_fixed_shape_loop_matches_the_sliced_eager_loop():
     """The loop that compile and CUDA graphs use (padded bucket, waiting rows kept still) against the eager one."""
     unet, abar = _unet(), DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
