@@ -693,14 +693,9 @@ def test_cuda_training_never_waits_for_the_audits_copies_and_the_worker_does(tmp
 
     def run(folder, *, spin):
         torch.manual_seed(0)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(fashion_images[:192], torch.randint(0, 10, (192,))), batch_size=64)
-        engine = PrivacyEngine(accountant="rdp")
-        auditor = DMAuditor(engine, **audit_kwargs(folder, tiny_prior_dir, mode=mode, every=1, device="cuda"))
-        model = tiny_cnn().to(device)
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
-            noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+        model, optimizer, loader, auditor = private_run(
+            fashion_images[:192], batch=64, sigma=0.0, model=tiny_cnn().to(device),
+            auditor_kwargs=audit_kwargs(folder, tiny_prior_dir, mode=mode, every=1, device="cuda"))
         # Page-locked blocks for the copies, cached by torch's host allocator beforehand: a new one is the CUDA
         # driver's allocation, which may wait for the device (while the cache grows; not the auditor's own wait).
         blocks = [torch.empty((64, *fashion_images.shape[1:]), pin_memory=True) for _ in range(4)]
