@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
 from opacus_dmaudit.bounds import PRV_AUDIT_MAX_WORK, estimate_kappa, history_epsilon, rero_bound_gdp
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
@@ -86,8 +87,8 @@ class _ForwardHook:
     def __init__(self, hook: Callable) -> None:
         self._hook = hook
 
-    def __call__(self, *args) -> None:
-        self._hook(*args)
+    def __call__(self, *args) -> Any:
+        return self._hook(*args)
 
     def __reduce__(self):
         return (_InertForwardHook, ())
@@ -103,6 +104,22 @@ class _InertForwardHook:
 # What Opacus makes of a training forward that comes before an earlier one's backward pass (warning and note).
 SHARED_BACKWARD = ("came before the backward pass of an earlier one (augmented views of one batch, say): Opacus sums "
                    "the i-th images' gradients of all of them into one sample")
+
+
+def trained_module(model) -> nn.Module:
+    """The module whose forward calls are the training steps' forwards, for what ``make_private`` returned: the
+    private model itself, or under ``wrap_model=False`` (Opacus 1.6), where it returns a hooks object and the loop
+    calls its own model, the module Opacus hooked, or the user's model inside an inline auditor's ``ImprintedModel``."""
+    if isinstance(model, nn.Module):
+        return model
+    hooked = getattr(model, "_module", None)
+    if not isinstance(hooked, nn.Module):
+        raise TypeError(f"attach() needs the model that PrivacyEngine.make_private returned (a GradSampleModule, or "
+                        f"its hooks object under wrap_model=False), got {type(model).__name__}")
+    imprinted = hooked.module if isinstance(hooked, DPDDP) else hooked
+    if isinstance(imprinted, ImprintedModel) and imprinted.imprints_in_model_hook:
+        return imprinted.model
+    return hooked
 
 
 def output_tensors(output) -> list[torch.Tensor]:
@@ -596,8 +613,6 @@ class DMAuditor:
                 module, optimizer = kwargs.get("module"), kwargs.get("optimizer")
                 if module is None or optimizer is None:
                     raise ValueError("call make_private with keyword arguments module=..., optimizer=...")
-                from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-
                 if isinstance(module, DPDDP):
                     # The block goes inside DPDDP: Opacus recognises distributed training by the outer wrapper.
                     inner = self.wrap_model(module.module, optimizer, data_loader=kwargs.get("data_loader"))
@@ -607,6 +622,9 @@ class DMAuditor:
             else:
                 self._calibrate_shadow_on(kwargs.get("data_loader"))
             result = original(*args, **kwargs)
+            if self.mode == "inline" and not kwargs.get("wrap_model", True):
+                imprinted = kwargs["module"]
+                self._imprint_in_model_hook(imprinted.module if isinstance(imprinted, DPDDP) else imprinted)
             self.attach(result[0], result[1])
             return result
 
@@ -689,6 +707,22 @@ class DMAuditor:
         optimizer.param_groups[0]["params"].extend(self.block.parameters())
         return ImprintedModel(module, self.block)
 
+    @staticmethod
+    def _imprint_in_model_hook(imprinted: ImprintedModel) -> None:
+        """Inline under ``make_private(..., wrap_model=False)`` (Opacus 1.6): the loop calls the user's own model,
+        not the ``ImprintedModel`` Opacus hooked, so a forward pre-hook on that model runs the block. The model's
+        ``state_dict`` keeps the user's own keys; a copy of it holds the hook as one that does nothing."""
+
+        def imprint(module, args, kwargs):
+            # Evaluation forwards skip the block, as Opacus's hooks skip them: its output would equal its input, and
+            # the activations Opacus keeps for it would wait for a backward pass that never comes.
+            if module.training and torch.is_grad_enabled():
+                return imprinted.imprint_arguments(args, kwargs)
+            return None
+
+        imprinted.imprints_in_model_hook = True
+        imprinted.model.register_forward_pre_hook(_ForwardHook(imprint), with_kwargs=True)
+
     def _check_isolation(self, batch_size: int | None, *, pixels: int) -> None:
         """Inline: warn when the bins are too few for the batch to leave images alone in them (only those are
         recovered); unlike shadow mode, inline mode attacks every image of the real batch."""
@@ -703,11 +737,11 @@ class DMAuditor:
                         "input value, to the per-sample gradients of your step), or use mode='shadow', which attacks "
                         f"{self.bins} images of any batch")
 
-    def attach(self, model: nn.Module, optimizer, *, data_loader=None) -> "DMAuditor":
+    def attach(self, model, optimizer, *, data_loader=None) -> "DMAuditor":
         """Attach to a model and DP optimizer that are already private (``make_private`` does this for you).
 
         Args:
-            model / optimizer: what ``make_private`` returned.
+            model / optimizer: what ``make_private`` returned (under ``wrap_model=False``, Opacus's hooks object).
             data_loader: shadow mode: the training data loader, to calibrate the imprint's bins on its dataset (as
                 ``make_private`` does); without it they fit the first audited batch.
         """
@@ -715,6 +749,7 @@ class DMAuditor:
             raise RuntimeError("this DMAuditor is already attached; create one auditor per training run")
         if not hasattr(optimizer, "noise_multiplier") or not hasattr(optimizer, "step_hook"):
             raise TypeError("attach() needs the DPOptimizer returned by PrivacyEngine.make_private")
+        called = trained_module(model)
         if self.mode == "shadow" and data_loader is not None:
             self._calibrate_shadow_on(data_loader)
         self._model, self._optimizer = model, optimizer
@@ -722,7 +757,8 @@ class DMAuditor:
             return self
         if self.mode == "inline":
             if self.block is None:
-                self.block = next((m for m in model.modules() if isinstance(m, ImprintBlock)), None)
+                hooked = model if isinstance(model, nn.Module) else model._module
+                self.block = next((m for m in hooked.modules() if isinstance(m, ImprintBlock)), None)
             if self.block is None:
                 raise ValueError("mode='inline' needs an ImprintBlock in the model: create the auditor before "
                                  "make_private, or wrap your model in ImprintedModel yourself")
@@ -737,8 +773,8 @@ class DMAuditor:
             self._handles.append(chain_pre_step(optimizer, self._fill_missing_imprint_gradients))
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._on_step()))
-        self._handles.append(model.register_forward_pre_hook(_ForwardHook(self._on_forward), with_kwargs=True))
-        self._handles.append(model.register_forward_hook(_ForwardHook(self._after_forward), with_kwargs=True))
+        self._handles.append(called.register_forward_pre_hook(_ForwardHook(self._on_forward), with_kwargs=True))
+        self._handles.append(called.register_forward_hook(_ForwardHook(self._after_forward), with_kwargs=True))
         return self
 
     # ------------------------------------------------------------------ training thread
@@ -751,7 +787,7 @@ class DMAuditor:
         # Only forwards that Opacus records belong to the step (its hooks skip eval mode, no_grad, and everything
         # between model.disable_hooks() and enable_hooks()): an evaluation or an input perturbation between steps must
         # not slip other images into the audited batch.
-        if not (module.training and torch.is_grad_enabled() and getattr(module, "hooks_enabled", True)):
+        if not (module.training and torch.is_grad_enabled() and getattr(self._model, "hooks_enabled", True)):
             return
         self._start_counting(inside_step=False)  # never raises
         if not self._is_audited(self._steps + 1):

@@ -326,20 +326,29 @@ class ImprintedModel(nn.Module):
     Args:
         model: the user's image model.
         imprint: the block; its ``image_shape`` must be the model's input shape.
+
+    Under Opacus's ``make_private(..., wrap_model=False)`` the training loop calls ``model`` itself, never this
+    wrapper, which then only holds the block and the model for Opacus's hooks: the block is run by a forward pre-hook
+    on ``model`` instead (``imprints_in_model_hook``), so the images pass through it once either way.
     """
 
     def __init__(self, model: nn.Module, imprint: ImprintBlock) -> None:
         super().__init__()
         self.imprint_block = imprint
         self.model = model
+        self.imprints_in_model_hook = False
 
-    def forward(self, *args, **kwargs):
+    def imprint_arguments(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The forward call's arguments with the image batch run through the block (same values, imprinted)."""
         where = image_argument(args, kwargs)
         if where is None:
             raise TypeError("ImprintedModel needs the image batch in the forward call: as its first positional "
                             "argument, its only floating-point N×C×H×W argument, or its only tensor keyword argument")
         if isinstance(where, int):
-            args = (*args[:where], self.imprint_block(args[where]), *args[where + 1:])
-        else:
-            kwargs = {**kwargs, where: self.imprint_block(kwargs[where])}
+            return (*args[:where], self.imprint_block(args[where]), *args[where + 1:]), kwargs
+        return args, {**kwargs, where: self.imprint_block(kwargs[where])}
+
+    def forward(self, *args, **kwargs):
+        if not self.imprints_in_model_hook:
+            args, kwargs = self.imprint_arguments(args, kwargs)
         return self.model(*args, **kwargs)

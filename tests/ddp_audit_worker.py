@@ -27,7 +27,7 @@ class BrightnessJitter(torch.utils.data.Dataset):
         return (self.images[index] * (0.8 + 0.2 * torch.rand(()))), self.labels[index]
 
 
-def main(prior: str, log_dir: str, mode: str, sigma: float) -> None:
+def main(prior: str, log_dir: str, mode: str, sigma: float, wrap_model: bool) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     images = load_images("fashion-mnist", limit=256)
@@ -38,8 +38,11 @@ def main(prior: str, log_dir: str, mode: str, sigma: float) -> None:
     loader = torch.utils.data.DataLoader(BrightnessJitter(images, labels), batch_size=64)
     engine = PrivacyEngine(accountant="rdp")
     auditor = DMAuditor(engine, prior=prior, log_dir=log_dir, every=2, steps=2, queue_size=8, mode=mode)
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=sigma, max_grad_norm=1.0)
+    # wrap_model=False (Opacus 1.6): Opacus hooks the DPDDP model, which the loop goes on calling.
+    private, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                     noise_multiplier=sigma, max_grad_norm=1.0,
+                                                     **({} if wrap_model else {"wrap_model": False}))
+    model = private if wrap_model else model
     steps = 0
     for x, y in loader:
         optimizer.zero_grad()
@@ -54,4 +57,4 @@ def main(prior: str, log_dir: str, mode: str, sigma: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), wrap_model=sys.argv[5:] != ["hooks"])

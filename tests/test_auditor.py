@@ -22,7 +22,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opacus_dmaudit.auditor import DMAuditor
+from opacus_dmaudit.auditor import DMAuditor, _InertForwardHook
 from opacus_dmaudit.capture import PerLayerClippingError
 from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.prior import DiffusionPrior
@@ -821,6 +821,56 @@ def test_grad_sample_modes(tmp_path, fashion_images, tiny_prior_dir, grad_sample
     rows = [p.detach().clone() for p in auditor.block.parameters()] if mode == "inline" else []
     train_epoch(model, optimizer, loader, criterion=criterion)
     assert all(torch.equal(a, b) for a, b in zip(rows, auditor.block.parameters() if rows else []))
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["shadow", "inline"])
+def test_a_model_opacus_hooks_without_wrapping_is_audited_as_a_wrapped_one(tmp_path, fashion_images, tiny_prior_dir,
+                                                                          grad_sample_mode, mode):
+    # Opacus 1.6's make_private(..., wrap_model=False) hooks the user's own model, which the loop goes on calling, and
+    # returns a hooks object, no module: with an auditor, make_private failed on it ("'GradSampleHooks' object has no
+    # attribute 'register_forward_pre_hook'"). Between steps, an evaluation loss computed with gradients on.
+    if "wrap_model" not in inspect.signature(PrivacyEngine.make_private).parameters:
+        pytest.skip("make_private(wrap_model=False) needs opacus >= 1.6")
+
+    def run(folder, *, wrap_model):
+        torch.manual_seed(0)
+        model = tiny_cnn()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(fashion_images[:128], torch.randint(0, 10, (128,))), batch_size=32)
+        engine = PrivacyEngine(accountant="rdp")
+        auditor = DMAuditor(engine, **audit_kwargs(folder, tiny_prior_dir, mode=mode, every=2, kappa_samples=0))
+        criterion = nn.CrossEntropyLoss()
+        out = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
+                                  max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+                                  criterion=criterion, wrap_model=wrap_model)
+        private, optimizer, loader = (out[0], out[1], out[-1])
+        criterion = out[2] if len(out) == 4 else criterion
+        trained = private if wrap_model else model
+        for x, y in loader:
+            optimizer.zero_grad()
+            criterion(trained(x), y).backward()
+            optimizer.step()
+            trained.eval()
+            nn.functional.cross_entropy(trained(x), y)
+            trained.train()
+        auditor.close()
+        return auditor, model
+
+    wrapped, _ = run(tmp_path / "wrapped", wrap_model=True)
+    hooked, model = run(tmp_path / "hooked", wrap_model=False)
+    assert hooked.errors == 0 and len(hooked.records) == 2
+    assert all(r.recovered > 0 and r.noisy["mse"] < 1e-10 for r in hooked.records)
+    assert [(r.step, r.recovered, r.collisions) for r in hooked.records] == \
+        [(r.step, r.recovered, r.collisions) for r in wrapped.records]
+    # The model keeps its own keys (inline, the block rides in a forward pre-hook), and trains as the wrapped one did.
+    assert set(model.state_dict()) == set(tiny_cnn().state_dict())
+    trained_wrapped = (wrapped._model._module.model if mode == "inline" else wrapped._model._module).state_dict()
+    assert all(torch.equal(v, trained_wrapped[k]) for k, v in model.state_dict().items())
+    # A snapshot of the model (copy.deepcopy) holds the block's hook as one that does nothing, not the block.
+    hooks = list(copy.deepcopy(model)._forward_pre_hooks.values())
+    assert len(hooks) == (mode == "inline") and all(isinstance(hook, _InertForwardHook) for hook in hooks)
 
 
 def test_normalised_inputs_are_audited_in_pixel_space(tmp_path, fashion_images, tiny_prior_dir):
