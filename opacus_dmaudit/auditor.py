@@ -624,7 +624,8 @@ class DMAuditor:
             result = original(*args, **kwargs)
             if self.mode == "inline" and not kwargs.get("wrap_model", True):
                 imprinted = kwargs["module"]
-                self._imprint_in_model_hook(imprinted.module if isinstance(imprinted, DPDDP) else imprinted)
+                self._handles.append(
+                    self._imprint_in_model_hook(imprinted.module if isinstance(imprinted, DPDDP) else imprinted))
             self.attach(result[0], result[1])
             return result
 
@@ -708,10 +709,12 @@ class DMAuditor:
         return ImprintedModel(module, self.block)
 
     @staticmethod
-    def _imprint_in_model_hook(imprinted: ImprintedModel) -> None:
+    def _imprint_in_model_hook(imprinted: ImprintedModel):
         """Inline under ``make_private(..., wrap_model=False)`` (Opacus 1.6): the loop calls the user's own model,
-        not the ``ImprintedModel`` Opacus hooked, so a forward pre-hook on that model runs the block. The model's
-        ``state_dict`` keeps the user's own keys; a copy of it holds the hook as one that does nothing."""
+        not the ``ImprintedModel`` Opacus hooked, so a forward pre-hook on that model runs the block; its handle.
+        The model's ``state_dict`` keeps the user's own keys; a copy of it holds the hook as one that does nothing.
+        ``close()`` removes the hook: the model is the user's own again, without the frozen block's work in every
+        forward (a model made private again would otherwise run it too)."""
 
         def imprint(module, args, kwargs):
             # Evaluation forwards skip the block, as Opacus's hooks skip them: its output would equal its input, and
@@ -721,7 +724,7 @@ class DMAuditor:
             return None
 
         imprinted.imprints_in_model_hook = True
-        imprinted.model.register_forward_pre_hook(_ForwardHook(imprint), with_kwargs=True)
+        return imprinted.model.register_forward_pre_hook(_ForwardHook(imprint), with_kwargs=True)
 
     def _check_isolation(self, batch_size: int | None, *, pixels: int) -> None:
         """Inline: warn when the bins are too few for the batch to leave images alone in them (only those are
@@ -1360,7 +1363,8 @@ class DMAuditor:
 
         In inline mode the imprint block stays in the model, its parameters frozen (``requires_grad`` off): training
         that goes on after ``close()`` no longer clips, noises or updates them, and the block passes the model's
-        inputs through unchanged.
+        inputs through unchanged. Under ``make_private(..., wrap_model=False)`` the forward pre-hook that ran the
+        block on the user's model goes: the model no longer runs it at all.
 
         Args:
             wait: finish the audits still waiting in the queue. False drops them (counted in ``dropped``) and only

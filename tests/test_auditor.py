@@ -855,11 +855,17 @@ def test_a_model_opacus_hooks_without_wrapping_is_audited_as_a_wrapped_one(tmp_p
             trained.eval()
             nn.functional.cross_entropy(trained(x), y)
             trained.train()
+        # A snapshot of the model (copy.deepcopy) holds the auditor's hooks as ones that do nothing, not the block.
+        copied_hooks = list(copy.deepcopy(model)._forward_pre_hooks.values())
         auditor.close()
-        return auditor, model
+        x, y = next(iter(loader))  # training goes on after close()
+        optimizer.zero_grad()
+        criterion(trained(x), y).backward()
+        optimizer.step()
+        return auditor, model, copied_hooks
 
-    wrapped, _ = run(tmp_path / "wrapped", wrap_model=True)
-    hooked, model = run(tmp_path / "hooked", wrap_model=False)
+    wrapped, *_ = run(tmp_path / "wrapped", wrap_model=True)
+    hooked, model, copied_hooks = run(tmp_path / "hooked", wrap_model=False)
     assert hooked.errors == 0 and len(hooked.records) == 2
     assert all(r.recovered > 0 and r.noisy["mse"] < 1e-10 for r in hooked.records)
     assert [(r.step, r.recovered, r.collisions) for r in hooked.records] == \
@@ -868,9 +874,9 @@ def test_a_model_opacus_hooks_without_wrapping_is_audited_as_a_wrapped_one(tmp_p
     assert set(model.state_dict()) == set(tiny_cnn().state_dict())
     trained_wrapped = (wrapped._model._module.model if mode == "inline" else wrapped._model._module).state_dict()
     assert all(torch.equal(v, trained_wrapped[k]) for k, v in model.state_dict().items())
-    # A snapshot of the model (copy.deepcopy) holds the block's hook as one that does nothing, not the block.
-    hooks = list(copy.deepcopy(model)._forward_pre_hooks.values())
-    assert len(hooks) == (mode == "inline") and all(isinstance(hook, _InertForwardHook) for hook in hooks)
+    assert len(copied_hooks) == 1 + (mode == "inline")
+    assert all(isinstance(hook, _InertForwardHook) for hook in copied_hooks)
+    assert not model._forward_pre_hooks and not model._forward_hooks  # close() took every hook of the auditor's
 
 
 def test_normalised_inputs_are_audited_in_pixel_space(tmp_path, fashion_images, tiny_prior_dir):
