@@ -45,6 +45,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from opacus_dmaudit.bounds import PRV_AUDIT_MAX_WORK, estimate_kappa, history_epsilon, rero_bound_gdp
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
@@ -613,10 +615,22 @@ class DMAuditor:
                 module, optimizer = kwargs.get("module"), kwargs.get("optimizer")
                 if module is None or optimizer is None:
                     raise ValueError("call make_private with keyword arguments module=..., optimizer=...")
+                if isinstance(module, FSDPModule) or kwargs.get("grad_sample_mode") in ("ghost_fsdp", "ghost_tp"):
+                    raise ValueError(
+                        "DMAuditor(mode='inline') cannot put its imprint block in front of a model sharded by FSDP "
+                        "(fully_shard, grad_sample_mode='ghost_fsdp') or split by tensor parallelism ('ghost_tp'): "
+                        "Opacus would take the block's whole rows on every rank for shards of them, and clip them "
+                        "wrongly; use mode='shadow'")
+                # Opacus recognises distributed training by the outer wrapper (DPDDP, torch's DDP) and takes a
+                # distributed optimizer for it: the block must not hide it. Without one, each rank would step on
+                # its own gradients, and the ranks' models would drift apart.
                 if isinstance(module, DPDDP):
-                    # The block goes inside DPDDP: Opacus recognises distributed training by the outer wrapper.
                     inner = self.wrap_model(module.module, optimizer, data_loader=kwargs.get("data_loader"))
                     kwargs["module"] = DPDDP(inner)
+                elif isinstance(module, DDP):
+                    # DDP keeps its own work inside the block; the DPDDP around them only shows Opacus the training
+                    # is distributed (its broadcast of the weights from rank 0 changes nothing DDP had not synced).
+                    kwargs["module"] = DPDDP(self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader")))
                 else:
                     kwargs["module"] = self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader"))
             else:

@@ -480,6 +480,24 @@ def test_inline_refuses_per_layer_clipping(tmp_path, fashion_images, tiny_prior_
     assert "never attached" not in caplog.text
 
 
+@pytest.mark.parametrize("grad_sample_mode", ["ghost_fsdp", "ghost_tp"])
+def test_inline_refuses_a_sharded_model_and_leaves_the_optimizer_as_it_was(tmp_path, fashion_images, tiny_prior_dir,
+                                                                         grad_sample_mode):
+    # The block's rows are whole on every rank, which Opacus's FSDP and tensor-parallel clipping would take for
+    # shards (FSDP itself needs a process group: tests/test_ddp.py audits it in shadow mode).
+    model = tiny_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fashion_images[:64], torch.zeros(64).long()),
+                                         batch_size=32)
+    engine = PrivacyEngine(accountant="rdp")
+    auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode="inline"))
+    with pytest.raises(ValueError, match="cannot put its imprint block in front of a model sharded.*mode='shadow'"):
+        engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                            max_grad_norm=1.0, grad_sample_mode=grad_sample_mode, criterion=nn.CrossEntropyLoss())
+    auditor.close()
+    assert optimizer.param_groups[0]["params"] == list(model.parameters())
+
+
 @pytest.mark.parametrize("mode", ["shadow", "inline"])
 def test_adaptive_clipping_is_audited_at_the_noise_and_norm_of_each_step(tmp_path, fashion_images, tiny_prior_dir,
                                                                          mode):
