@@ -1313,7 +1313,7 @@ class DMAuditor:
             # The audited step's history, copied: the training thread keeps appending to the accountant's own. A PRV
             # grid too large for memory (small sigma), or a composition too long for an audit (a noise schedule's
             # many sigmas), gives way to RDP's epsilon, noted in the record.
-            epsilon, note = history_epsilon(history, delta=self.delta, accountant=type(accountant),
+            epsilon, note = history_epsilon(history, delta=self.delta, accountant=accountant,
                                             max_work=PRV_AUDIT_MAX_WORK)
         except Exception as exc:
             notes.append(f"epsilon unavailable: {exc}")

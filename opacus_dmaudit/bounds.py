@@ -17,6 +17,7 @@ the success rate of guessing from the prior alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import threading
@@ -328,7 +329,7 @@ def _rero_bound_from_epsilons(epsilons: dict[float, float], kappa: float) -> flo
     return float(max(kappa, best))
 
 
-def history_epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: type | None = None,
+def history_epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: type | object | None = None,
                     max_work: int | None = None) -> tuple[float, str | None]:
     """Epsilon at ``delta`` of an accountant ``history`` (``(sigma, q, steps)`` triples), and a note where the answer
     came from another accountant than the one asked.
@@ -340,6 +341,8 @@ def history_epsilon(history: list[tuple[float, float, int]], *, delta: float, ac
         history: the mechanisms composed, as Opacus's accountants keep them.
         delta: the delta of the epsilon.
         accountant: the Opacus accountant class to ask (default ``PRVAccountant``); a fresh one gets the history.
+            Or an accountant (a training run's), whose class is asked the same way, or where that class needs
+            arguments to be made (an accountant of one's own, registered with Opacus), a copy of it.
         max_work: PRV only: the most mechanisms times grid points to compose (see :data:`PRV_AUDIT_MAX_WORK`);
             RDP answers above it. None: no such cap.
 
@@ -348,13 +351,20 @@ def history_epsilon(history: list[tuple[float, float, int]], *, delta: float, ac
     """
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    template = None if accountant is None or isinstance(accountant, type) else accountant
+    accountant = type(template) if template is not None else accountant or PRVAccountant
+
     def epsilon(cls: type) -> float:
-        answering = cls()
+        try:
+            answering = cls()
+        except TypeError:
+            if template is None or cls is not type(template):
+                raise
+            answering = copy.deepcopy(template)  # its own history is replaced below: it may still be growing
         answering.history = list(history)
         with opacus_accounting():
             return float(answering.get_epsilon(delta))
 
-    accountant = accountant or PRVAccountant
     if not issubclass(accountant, PRVAccountant):
         return epsilon(accountant), None
     try:

@@ -1,6 +1,7 @@
 """DMAuditor on real Opacus training: a tiny CNN, 256 Fashion-MNIST images, 20 DP-SGD steps, an audit every 5."""
 
 import copy
+import functools
 import inspect
 import io
 import json
@@ -159,6 +160,40 @@ def test_event_files_hold_grids_scalars_and_the_accountants_epsilon(tmp_path, fa
     # Audit logs hold training images: owner-only folder and files.
     assert (tmp_path / "audit").stat().st_mode & 0o077 == 0
     assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "audit").rglob("*"))
+
+
+def test_an_accountant_of_one_s_own_that_takes_arguments_gives_each_audit_its_epsilon(tmp_path, fashion_images,
+                                                                                      tiny_prior_dir):
+    # Opacus 1.6 takes accountants of one's own (register_accountant). An audit asks the run's accountant's class
+    # afresh for its step's epsilon; one that needs arguments could not be made, and every epsilon was unavailable.
+    from opacus import accountants
+    from opacus.accountants import RDPAccountant
+
+    if not hasattr(accountants, "register_accountant"):
+        pytest.skip("accountants of one's own need opacus >= 1.6")
+
+    class OrdersRDP(RDPAccountant):
+        def __init__(self, orders):
+            super().__init__()
+            self.orders = orders
+
+        def get_epsilon(self, delta, alphas=None):
+            return super().get_epsilon(delta, alphas=self.orders)
+
+        @classmethod
+        def mechanism(cls):
+            return "rdp-of-few-orders"
+
+    accountants.register_accountant("rdp-of-few-orders", functools.partial(OrdersRDP, orders=[2, 4, 8, 16, 32]),
+                                    force=True)
+    engine, auditor, _ = train(fashion_images, steps=10, accountant="rdp-of-few-orders",
+                               auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, kappa_samples=0))
+    assert [r.step for r in auditor.records] == [5, 10]
+    assert not any("epsilon" in note for r in auditor.records for note in r.notes)
+    assert auditor.records[-1].epsilon == engine.get_epsilon(1e-5)
+    default_orders = RDPAccountant()
+    default_orders.history = engine.accountant.history
+    assert auditor.records[-1].epsilon != default_orders.get_epsilon(1e-5)  # the run's own orders
 
 
 def test_each_audit_logs_the_rero_bound_of_its_attacked_step_beside_its_success_rate(tmp_path, fashion_images,
