@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.grad_sample import AbstractGradSampleModule
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -615,6 +616,12 @@ class DMAuditor:
                 module, optimizer = kwargs.get("module"), kwargs.get("optimizer")
                 if module is None or optimizer is None:
                     raise ValueError("call make_private with keyword arguments module=..., optimizer=...")
+                if isinstance(module, AbstractGradSampleModule):
+                    raise ValueError(
+                        f"DMAuditor(mode='inline') needs the plain model in make_private, got a {type(module).__name__}: "
+                        "its hooks would compute your layers' per-sample gradients a second time, beside those of the "
+                        "GradSampleModule Opacus puts around the imprint block and your model; pass the model it wraps "
+                        "(module.to_standard_module()), or use mode='shadow'")
                 if isinstance(module, FSDPModule) or kwargs.get("grad_sample_mode") in ("ghost_fsdp", "ghost_tp"):
                     raise ValueError(
                         "DMAuditor(mode='inline') cannot put its imprint block in front of a model sharded by FSDP "

@@ -515,20 +515,25 @@ def test_inline_refuses_per_layer_clipping(tmp_path, fashion_images, tiny_prior_
     assert "never attached" not in caplog.text
 
 
-@pytest.mark.parametrize("grad_sample_mode", ["ghost_fsdp", "ghost_tp"])
-def test_inline_refuses_a_sharded_model_and_leaves_the_optimizer_as_it_was(tmp_path, fashion_images, tiny_prior_dir,
-                                                                         grad_sample_mode):
-    # The block's rows are whole on every rank, which Opacus's FSDP and tensor-parallel clipping would take for
-    # shards (FSDP itself needs a process group: tests/test_ddp.py audits it in shadow mode).
+@pytest.mark.parametrize("case", ["ghost_fsdp", "ghost_tp", "GradSampleModule"])
+def test_inline_refuses_what_it_cannot_put_its_block_in_front_of_and_leaves_the_optimizer_as_it_was(
+        tmp_path, fashion_images, tiny_prior_dir, case):
+    # FSDP and tensor parallelism: the block's rows are whole on every rank, which Opacus's clipping would take for
+    # shards (FSDP itself needs a process group: tests/test_ddp.py audits it in shadow mode). A model Opacus has
+    # wrapped already: its hooks would add the layers' per-sample gradients a second time (the trained weights moved).
     model = tiny_cnn()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    module = opacus.GradSampleModule(model) if case == "GradSampleModule" else model
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(fashion_images[:64], torch.zeros(64).long()),
                                          batch_size=32)
     engine = PrivacyEngine(accountant="rdp")
     auditor = DMAuditor(engine, **audit_kwargs(tmp_path, tiny_prior_dir, mode="inline"))
-    with pytest.raises(ValueError, match="cannot put its imprint block in front of a model sharded.*mode='shadow'"):
-        engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                            max_grad_norm=1.0, grad_sample_mode=grad_sample_mode, criterion=nn.CrossEntropyLoss())
+    options = {} if case == "GradSampleModule" else {"grad_sample_mode": case, "criterion": nn.CrossEntropyLoss()}
+    expected = ("needs the plain model.*to_standard_module.*mode='shadow'" if case == "GradSampleModule" else
+                "cannot put its imprint block in front of a model sharded.*mode='shadow'")
+    with pytest.raises(ValueError, match=expected):
+        engine.make_private(module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
+                            max_grad_norm=1.0, **options)
     auditor.close()
     assert optimizer.param_groups[0]["params"] == list(model.parameters())
 
