@@ -5,6 +5,7 @@ The model is wrapped as the last argument says: Opacus's DPDDP (``dpddp``), DPDD
 (``fsdp``, Opacus 1.6).
 """
 
+import gc
 import sys
 import warnings
 
@@ -80,6 +81,11 @@ def main(prior: str, log_dir: str, mode: str, sigma: float, wrapping: str) -> No
     print(f"rank {dist.get_rank()}: {steps} steps, {len(auditor.records)} audits, errors {auditor.errors}, "
           f"ranks agree {all(torch.equal(w, weights) for w in gathered)}", flush=True)
     print(f"rank {dist.get_rank()} bins: {bins}", flush=True)
+    # torch's DDP and FSDP hold the process group: left to the interpreter's exit, it was sometimes torn down there
+    # after everything had run, and gloo aborted the process ("terminate called without an active exception").
+    del model, private, optimizer, criterion, out, loader, auditor, engine
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -32,7 +32,7 @@ def test_ddp_two_processes_write_one_set_of_logs(tmp_path, tiny_prior_dir, mode,
          f"--master_port={_free_port()}", str(worker), tiny_prior_dir, str(log_dir), mode, str(sigma), wrapping],
         capture_output=True, text=True, timeout=600,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-1000:] + out.stderr[-3000:]
     assert "rank 0:" in out.stdout and "rank 1:" in out.stdout and "errors 0" in out.stdout
     # Inline, torch's DDP once hid behind the imprint block: Opacus took a non-distributed optimizer, and each rank
     # stepped on its own gradients.
