@@ -109,16 +109,25 @@ SHARED_BACKWARD = ("came before the backward pass of an earlier one (augmented v
                    "the i-th images' gradients of all of them into one sample")
 
 
-def trained_module(model) -> nn.Module:
-    """The module whose forward calls are the training steps' forwards, for what ``make_private`` returned: the
-    private model itself, or under ``wrap_model=False`` (Opacus 1.6), where it returns a hooks object and the loop
-    calls its own model, the module Opacus hooked, or the user's model inside an inline auditor's ``ImprintedModel``."""
+def hooked_module(model) -> nn.Module:
+    """The module Opacus hooked, for what ``make_private`` returned: the private model itself, or under
+    ``wrap_model=False`` (Opacus 1.6), where it returns a hooks object, the module that object hooked."""
     if isinstance(model, nn.Module):
         return model
     hooked = getattr(model, "_module", None)
     if not isinstance(hooked, nn.Module):
         raise TypeError(f"attach() needs the model that PrivacyEngine.make_private returned (a GradSampleModule, or "
                         f"its hooks object under wrap_model=False), got {type(model).__name__}")
+    return hooked
+
+
+def trained_module(model) -> nn.Module:
+    """The module whose forward calls are the training steps' forwards, for what ``make_private`` returned: the
+    private model, or under ``wrap_model=False``, where the loop calls its own model, the module Opacus hooked or the
+    user's model inside an inline auditor's ``ImprintedModel``."""
+    hooked = hooked_module(model)
+    if hooked is model:
+        return model
     imprinted = hooked.module if isinstance(hooked, DPDDP) else hooked
     if isinstance(imprinted, ImprintedModel) and imprinted.imprints_in_model_hook:
         return imprinted.model
@@ -630,23 +639,17 @@ class DMAuditor:
                         "wrongly; use mode='shadow'")
                 # Opacus recognises distributed training by the outer wrapper (DPDDP, torch's DDP) and takes a
                 # distributed optimizer for it: the block must not hide it. Without one, each rank would step on
-                # its own gradients, and the ranks' models would drift apart.
-                if isinstance(module, DPDDP):
-                    inner = self.wrap_model(module.module, optimizer, data_loader=kwargs.get("data_loader"))
-                    kwargs["module"] = DPDDP(inner)
-                elif isinstance(module, DDP):
-                    # DDP keeps its own work inside the block; the DPDDP around them only shows Opacus the training
-                    # is distributed (its broadcast of the weights from rank 0 changes nothing DDP had not synced).
-                    kwargs["module"] = DPDDP(self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader")))
-                else:
-                    kwargs["module"] = self.wrap_model(module, optimizer, data_loader=kwargs.get("data_loader"))
+                # its own gradients, and the ranks' models would drift apart. The block goes inside DPDDP; torch's
+                # DDP goes inside the block and keeps its own work, and a DPDDP around them only shows Opacus the
+                # training is distributed (its broadcast of the weights from rank 0 changes nothing DDP had synced).
+                imprinted = self.wrap_model(module.module if isinstance(module, DPDDP) else module, optimizer,
+                                            data_loader=kwargs.get("data_loader"))
+                kwargs["module"] = DPDDP(imprinted) if isinstance(module, (DPDDP, DDP)) else imprinted
             else:
                 self._calibrate_shadow_on(kwargs.get("data_loader"))
             result = original(*args, **kwargs)
             if self.mode == "inline" and not kwargs.get("wrap_model", True):
-                imprinted = kwargs["module"]
-                self._handles.append(
-                    self._imprint_in_model_hook(imprinted.module if isinstance(imprinted, DPDDP) else imprinted))
+                self._handles.append(self._imprint_in_model_hook(imprinted))
             self.attach(result[0], result[1])
             return result
 
@@ -781,8 +784,7 @@ class DMAuditor:
             return self
         if self.mode == "inline":
             if self.block is None:
-                hooked = model if isinstance(model, nn.Module) else model._module
-                self.block = next((m for m in hooked.modules() if isinstance(m, ImprintBlock)), None)
+                self.block = next((m for m in hooked_module(model).modules() if isinstance(m, ImprintBlock)), None)
             if self.block is None:
                 raise ValueError("mode='inline' needs an ImprintBlock in the model: create the auditor before "
                                  "make_private, or wrap your model in ImprintedModel yourself")
