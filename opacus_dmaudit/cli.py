@@ -234,6 +234,7 @@ def _train_prior(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     import os
+    import time
 
     import torch
 
@@ -288,6 +289,13 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/sweep.json, sweep.csv, sweep_vs_sigma.png, sweep_vs_epsilon.png, grids, "
               f"tensorboard/ (private: the grids show the images)")
     if torch.distributed.is_initialized():
+        # torch 2.6's gloo group destructor keeps the GIL while it joins its worker threads, and a worker that frees a
+        # finished collective's tensors needs the GIL: a rank that destroyed the group just after the gather (one with
+        # nothing to write) deadlocked there, and torchrun waited for it forever. The barrier lets the gather's work
+        # be freed while this rank waits for rank 0's writing; the pause lets the worker free what the barrier's own
+        # work still held (its references to earlier work). torch 2.14 did not deadlock without either.
+        torch.distributed.barrier()
+        time.sleep(0.05)
         torch.distributed.destroy_process_group()
     return 0
 
