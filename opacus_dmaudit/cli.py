@@ -292,8 +292,9 @@ def _sweep(args: argparse.Namespace) -> int:
         # torch 2.6's gloo group destructor keeps the GIL while it joins its worker threads, and a worker that frees a
         # finished collective's tensors needs the GIL: a rank that destroyed the group just after the gather (one with
         # nothing to write) deadlocked there, and torchrun waited for it forever. The barrier lets the gather's work
-        # be freed while this rank waits for rank 0's writing; the pause lets the worker free what the barrier's own
-        # work still held (its references to earlier work). torch 2.14 did not deadlock without either.
+        # be freed while this rank waits for rank 0's writing (3 hangs in 25 runs before, 1 in 73 with it). The pause
+        # is for that one: read from torch's source, not caught in a stack, the barrier's own work holds references
+        # to earlier work until it is freed, right as it returns. torch 2.14 did not deadlock without either.
         torch.distributed.barrier()
         time.sleep(0.05)
         torch.distributed.destroy_process_group()
