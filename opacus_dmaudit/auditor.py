@@ -38,6 +38,7 @@ import random
 import sys
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -162,6 +163,22 @@ def wait_for(events: list) -> None:
     """Block the calling thread until each of :func:`copied_event`'s events has passed."""
     for event in events:
         event.synchronize()
+
+
+def wait_until_freed(tensors: list[weakref.ref], *, timeout: float = 1.0) -> float:
+    """Sleep a millisecond at a time, ``timeout`` seconds at most, until the tensors behind these weak references are
+    freed; returns the seconds waited.
+
+    A tensor this thread has let go of lives on while a collective's work still holds it, and on torch 2.6 with gloo
+    the worker thread that frees that work last needs the GIL for it. A ``destroy_process_group()`` in that moment
+    keeps the GIL while it joins the worker, and the run hangs (measured: 3 in 6 two-process runs of an all_reduce,
+    ``del`` and destroy; 0 in 8 with a 50 ms sleep between). The sleep hands the worker the GIL; a weak reference
+    outlives the ``del`` exactly while the work holds the tensor (a third of the ranks there, freed after one sleep).
+    """
+    started = time.perf_counter()
+    while any(ref() is not None for ref in tensors) and time.perf_counter() - started < timeout:
+        time.sleep(0.001)
+    return time.perf_counter() - started
 
 
 def expected_isolated(batch_size: int, bins: int) -> float:
@@ -1445,12 +1462,19 @@ class DMAuditor:
         gradients), and the forward still passes the images through unchanged. Their gradients of the last step go
         too: the optimizer's zero_grad() no longer clears them, and a stale per-sample gradient stops
         ExpandedWeights (grad_sample_mode="ew") at the next forward."""
+        freed = []
         for p in self.block.parameters():
             p.requires_grad_(False)
+            freed += [weakref.ref(p.grad)] if p.grad is not None else []
             p.grad = None
             for name in ("grad_sample", "summed_grad"):
                 if getattr(p, name, None) is not None:
                     setattr(p, name, None)
+        if self._distributed_inline:
+            # The rows are the optimizer's last parameters, so Opacus all-reduced their gradients last, just before
+            # close(); gloo's worker may still hold them, and a destroy_process_group() right after close() (as
+            # tutorials end a run) hung there on torch 2.6 until this wait (see wait_until_freed).
+            wait_until_freed(freed)
 
     def _steps_this_run(self) -> int:
         """The optimizer steps this auditor saw (a resumed run's steps before its checkpoint not among them)."""

@@ -2,12 +2,14 @@
 
 The model is wrapped as the last argument says: Opacus's DPDDP (``dpddp``), DPDDP hooked by Opacus without wrapping
 (``dpddp-unwrapped``, make_private(wrap_model=False), Opacus 1.6), torch's DDP (``ddp``), or FSDP2 with ghost clipping
-(``fsdp``, Opacus 1.6).
+(``fsdp``, Opacus 1.6). A sixth argument ``at-once`` ends the run as tutorials do, destroying the group right after
+``auditor.close()``, without a barrier (and without the weights check, whose collective would come between).
 """
 
 import gc
 import sys
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,7 @@ def distributed(model: nn.Module, wrapping: str) -> nn.Module:
     return DPDDP(model)
 
 
-def main(prior: str, log_dir: str, mode: str, sigma: float, wrapping: str) -> None:
+def main(prior: str, log_dir: str, mode: str, sigma: float, wrapping: str, teardown: str = "barrier") -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     images = load_images("fashion-mnist", limit=256)
@@ -71,6 +73,15 @@ def main(prior: str, log_dir: str, mode: str, sigma: float, wrapping: str) -> No
         criterion(model(x), y).backward()
         optimizer.step()
         steps += 1
+    if teardown == "at-once":
+        # The imprint rows' gradients, all-reduced last in the step, and let go of by close().
+        grads = [weakref.ref(p.grad) for p in auditor.block.parameters() if p.grad is not None]
+        auditor.close()
+        sys.stdout.write(f"rank {dist.get_rank()}: {steps} steps, {len(grads)} imprint gradients, "
+                         f"{sum(ref() is not None for ref in grads)} still held after close\n")
+        sys.stdout.flush()
+        dist.destroy_process_group()
+        return
     auditor.close()
     # Every rank must have taken the same steps: an optimizer that is not the distributed one lets them drift apart.
     weights = torch.cat([p.detach().full_tensor().flatten() if hasattr(p, "full_tensor") else p.detach().flatten()
@@ -93,4 +104,4 @@ def main(prior: str, log_dir: str, mode: str, sigma: float, wrapping: str) -> No
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5], *sys.argv[6:])

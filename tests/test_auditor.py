@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import numpy
 import opacus
@@ -23,7 +24,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opacus_dmaudit.auditor import DMAuditor, _InertForwardHook
+from opacus_dmaudit.auditor import DMAuditor, _InertForwardHook, wait_until_freed
 from opacus_dmaudit.capture import PerLayerClippingError
 from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.prior import DiffusionPrior
@@ -1541,3 +1542,18 @@ def test_an_auditor_replaced_before_make_private_says_so(tmp_path, fashion_image
     assert "audited nothing: a DMAuditor created after it on the same privacy engine took its place" in caplog.text
     assert "never attached" not in caplog.text and "takes the place" not in caplog.text
     assert len(earlier.records) == 0 and len(later.records) == 1
+
+
+def test_wait_until_freed_waits_for_another_holder_and_gives_up_at_the_timeout():
+    # As a gloo worker holds a finished collective's tensor a moment after this thread let go of it.
+    tensor = torch.ones(4)
+    ref = weakref.ref(tensor)
+    holder = threading.Thread(target=lambda held=tensor: time.sleep(0.05))
+    holder.start()
+    del tensor
+    waited = wait_until_freed([ref], timeout=5.0)
+    holder.join()
+    assert ref() is None and 0.03 < waited < 4.0
+    kept = torch.ones(4)
+    assert 0.1 <= wait_until_freed([weakref.ref(kept)], timeout=0.1) < 2.0
+    assert wait_until_freed([], timeout=5.0) < 0.1
