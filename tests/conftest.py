@@ -1,13 +1,33 @@
-"""Shared fixtures: real Fashion-MNIST test images and a tiny diffusers prior made on the fly."""
+"""Shared fixtures: real Fashion-MNIST test images, a tiny diffusers prior made on the fly, and torchrun."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*kept in float32.*")
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """Run a script (or ``"-m", module``) and its arguments under torchrun: 2 processes on this CPU, on a free port."""
+
+    def run(*args, timeout: float) -> subprocess.CompletedProcess:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+             f"--master_port={port}", *map(str, args)],
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")
