@@ -271,7 +271,8 @@ def cuda_graphs_leave_default_generator_alone() -> bool:
     without taking its lock, so a draw on another thread at that moment can lose its increment and a later draw
     repeat its random numbers. 2.12 and 2.13 keep the state per capture but still register generators up front; from
     2.14 a generator joins a graph only when the capture draws from it (pytorch/pytorch#176753; seen in the wheels'
-    headers and in inductor, which stopped registering generators in 2.14).
+    headers and in inductor, which stopped registering generators in 2.14). torch 2.15's ``CUDAGraph.h``,
+    ``CUDAGeneratorImpl.h`` and its Python callers of ``register_generator_state`` are 2.14's, line for line.
     """
     return torch.torch_version.TorchVersion(torch.__version__) >= (2, 14)
 
