@@ -58,8 +58,9 @@ class RandomFlips(torch.utils.data.Dataset):
 
 
 def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson=False, physical=None,
-          clipping="flat", seed=0, on_auditor=None, accountant="rdp", augment=False):
-    """A plain Opacus training loop; returns the engine, the auditor (or None) and the trained weights."""
+          clipping="flat", seed=0, on_auditor=None, accountant="rdp", augment=False, after_step=None):
+    """A plain Opacus training loop; returns the engine, the auditor (or None) and the trained weights.
+    ``after_step(n)`` runs after the n-th step that was not skipped."""
     torch.manual_seed(seed)
     random.seed(seed)
     numpy.random.seed(seed)
@@ -94,6 +95,8 @@ def train(images, *, auditor_kwargs=None, sigma=0.5, steps=20, batch=64, poisson
             optimizer.step()
             if not optimizer._is_last_step_skipped:
                 done += 1
+                if after_step is not None:
+                    after_step(done)
             if done >= steps:
                 break
         if manager is not None:
@@ -128,6 +131,23 @@ def private_run(images, *, batch, sigma, auditor_kwargs, model=None, samples=Non
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=sigma, max_grad_norm=1.0, poisson_sampling=False)
     return model, optimizer, loader, auditor
+
+
+def first_jobs_taken(auditor) -> threading.Event:
+    """An event the audit worker sets once it has taken its first jobs off the queue, which then share a pass.
+
+    A test that needs its first audit alone in a pass waits for it before the next audit is queued: the worker thread
+    runs at niceness 10, and on a loaded machine it once woke only after the next audit was queued, and the two shared
+    the pass."""
+    taken = threading.Event()
+    audit = auditor._audit
+
+    def audit_after_signalling(jobs):
+        taken.set()
+        audit(jobs)
+
+    auditor._audit = audit_after_signalling
+    return taken
 
 
 def audit_kwargs(tmp_path, prior, **extra):
@@ -592,12 +612,21 @@ def test_waiting_audits_share_a_pass_of_the_prior_without_changing_results(tmp_p
         while record.step == 5 and auditors[-1]._queue.qsize() < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def start(auditor):
+        auditors.append(auditor)
+        taken.append(first_jobs_taken(auditor))
+
+    def first_audit_alone(step):
+        if step == 5:
+            assert taken[-1].wait(120), "the audit worker took no job"
+
     auditors: list[DMAuditor] = []
+    taken: list[threading.Event] = []
     records = {}
     for batch_audits in (1, 8):
         kwargs = audit_kwargs(tmp_path / str(batch_audits), tiny_prior_dir, batch_audits=batch_audits,
                               on_audit=hold_first_audit)
-        _, auditor, _ = train(fashion_images, auditor_kwargs=kwargs, on_auditor=auditors.append)
+        _, auditor, _ = train(fashion_images, auditor_kwargs=kwargs, on_auditor=start, after_step=first_audit_alone)
         assert auditor.errors == 0 and [r.step for r in auditor.records] == [5, 10, 15, 20]
         records[batch_audits] = auditor.records
     assert [r.audits_in_pass for r in records[1]] == [1, 1, 1, 1]
@@ -622,9 +651,12 @@ def test_records_stay_in_step_order_when_a_shared_pass_finishes_late(tmp_path, f
     model, optimizer, _, auditor = private_run(
         fashion_images[:64], batch=32, sigma=0.0,
         auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, every=1, on_audit=hold_first_audit, kappa_samples=0))
+    taken = first_jobs_taken(auditor)
     labels = torch.zeros(32, dtype=torch.long)
     batches = (fashion_images[:32], fashion_images[32:64], fashion_images[64:65].expand(32, -1, -1, -1))
-    train_epoch(model, optimizer, [(x, labels) for x in batches])
+    train_epoch(model, optimizer, [(batches[0], labels)])
+    assert taken.wait(120), "the audit worker took no job"
+    train_epoch(model, optimizer, [(x, labels) for x in batches[1:]])
     auditor.close()
     assert [(r.step, r.audits_in_pass, r.recovered > 0) for r in auditor.records[:2]] == [(1, 1, True), (2, 1, True)]
     assert [(r.step, r.recovered, r.collisions) for r in auditor.records[2:]] == [(3, 0, 1)]
