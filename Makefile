@@ -2,7 +2,7 @@
 # Both install everything first (apt and pip; idempotent), so they work on a fresh machine.
 PYTHON ?= python3
 
-.PHONY: install demo test test-oldest benchmark
+.PHONY: install demo test test-oldest test-newest benchmark
 
 install:
 	bash scripts/install.sh
@@ -16,6 +16,11 @@ test: install
 # The tests again, against the oldest torch / torchvision / opacus / diffusers that pyproject.toml admits.
 test-oldest: install
 	bash scripts/test_oldest.sh
+
+# The tests again, against the newest releases on PyPI, as a fresh pip install resolves them (not in CI).
+# NEWEST_PYTHON=/path/to/python picks the interpreter.
+test-newest: install
+	bash scripts/test_newest.sh
 
 # The CPU-sized benchmark suite (about 8 min on 2 cores); on a GPU machine see benchmarks/gpu_perf.sh.
 RESULTS ?= benchmarks/results/cpu
