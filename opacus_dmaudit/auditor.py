@@ -50,11 +50,12 @@ from opacus.grad_sample import AbstractGradSampleModule
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from opacus_dmaudit.batch_copy import SHARED_BACKWARD, ForwardHook, StepBatchCopy, copied_event, wait_for
 from opacus_dmaudit.bounds import PRV_AUDIT_MAX_WORK, estimate_kappa, history_epsilon, rero_bound_gdp
 from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
                                     chain_step_hook, released_noise_multiplier)
 from opacus_dmaudit.data import denormalize
-from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, image_argument, tf32_rows_note
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, tf32_rows_note
 from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
@@ -77,37 +78,6 @@ OUTSIDE_BINS_LIMIT = 0.25
 # Inline bins are set before training: warn when a batch would leave fewer than this share of min(batch, bins) images
 # alone in their bins (64 bins, batch 256: 4.7 images expected, 7%; batch 512: 0.2).
 INLINE_ISOLATION_WARNING = 0.10
-
-
-class _ForwardHook:
-    """One of the auditor's forward hooks on the private model, which copies as a hook that does nothing.
-
-    A copy of the model (``copy.deepcopy`` for a best-model snapshot, ``torch.optim.swa_utils.AveragedModel``,
-    ``torch.save(model)``) is not the model being trained: its forwards must not join this run's audited batches. A
-    bound method as the hook would also drag the auditor (its worker thread, its locks) into the copy, and copying
-    would fail with "cannot pickle '_thread.lock' object".
-    """
-
-    def __init__(self, hook: Callable) -> None:
-        self._hook = hook
-
-    def __call__(self, *args) -> Any:
-        return self._hook(*args)
-
-    def __reduce__(self):
-        return (_InertForwardHook, ())
-
-
-class _InertForwardHook:
-    """What a copied model holds where the private model holds one of the auditor's forward hooks."""
-
-    def __call__(self, *args) -> None:
-        return None
-
-
-# What Opacus makes of a training forward that comes before an earlier one's backward pass (warning and note).
-SHARED_BACKWARD = ("came before the backward pass of an earlier one (augmented views of one batch, say): Opacus sums "
-                   "the i-th images' gradients of all of them into one sample")
 
 
 def hooked_module(model) -> nn.Module:
@@ -135,14 +105,6 @@ def trained_module(model) -> nn.Module:
     return hooked
 
 
-def output_tensors(output) -> list[torch.Tensor]:
-    """The tensors of a model's output that a loss can be computed from: the output itself, or the tensors of a
-    tuple, list or mapping (a Hugging Face ``ModelOutput`` is one) that require gradients."""
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) \
-        else [output]
-    return [value for value in values if isinstance(value, torch.Tensor) and value.requires_grad]
-
-
 def accounted_steps(accountant) -> int:
     """How many DP-SGD steps an Opacus accountant has accounted (its history holds noise multiplier, sample rate and
     step count triples); 0 for none, or for an accountant that keeps no such history."""
@@ -150,19 +112,6 @@ def accounted_steps(accountant) -> int:
         return int(sum(entry[-1] for entry in getattr(accountant, "history", None) or []))
     except Exception:  # read inside the user's forward and step: it must not raise
         return 0
-
-
-def copied_event(device: torch.device):
-    """A CUDA event recorded on ``device``'s current stream: it passes once the GPU has run what was queued before."""
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-def wait_for(events: list) -> None:
-    """Block the calling thread until each of :func:`copied_event`'s events has passed."""
-    for event in events:
-        event.synchronize()
 
 
 def wait_until_freed(tensors: list[weakref.ref], *, timeout: float = 1.0) -> float:
@@ -528,15 +477,7 @@ class DMAuditor:
         self._intercepted: list[tuple[str, Callable, Callable]] = []  # (method name, wrapper, what it wraps)
         self._model = self._optimizer = None
         self._capture: GradientCapture | None = None
-        self._pending: list[torch.Tensor] = []  # the audited step's copied images, forward by forward
-        self._pending_ready: list = []  # CUDA events after those copies that are still queued on the GPU
-        self._pending_sizes: list[int] = []  # the images each of those forwards had (shadow mode copies fewer)
-        self._copy_failed = False  # a copy of this step's batch failed (and was counted and logged)
-        # Training forwards of the audited step that came before the backward pass of an earlier one, and so share it
-        # (augmented views of one batch, say): Opacus sums the i-th images' gradients of all of them into one sample.
-        self._forward_copied = False  # the forward running now was copied (its output still to be watched)
-        self._awaiting_backward = False  # a copied forward's output has not had its backward pass yet
-        self._shared_forwards = 0  # forwards of this step that shared a backward pass with an earlier one
+        self._copies = StepBatchCopy()  # the audited step's images, forward by forward
         self._warned: set[str] = set()  # what the user has been told once already (logger warnings)
         self._steps = 0
         # The steps the engine's accountant had accounted at this run's first step: a run resumed from a checkpoint
@@ -765,7 +706,7 @@ class DMAuditor:
             return None
 
         imprinted.imprints_in_model_hook = True
-        return imprinted.model.register_forward_pre_hook(_ForwardHook(imprint), with_kwargs=True)
+        return imprinted.model.register_forward_pre_hook(ForwardHook(imprint), with_kwargs=True)
 
     def _check_isolation(self, batch_size: int | None, *, pixels: int) -> None:
         """Inline: warn when the bins are too few for the batch to leave images alone in them (only those are
@@ -816,8 +757,8 @@ class DMAuditor:
             self._handles.append(chain_pre_step(optimizer, self._fill_missing_imprint_gradients))
         else:
             self._handles.append(chain_step_hook(optimizer, lambda opt: self._on_step()))
-        self._handles.append(called.register_forward_pre_hook(_ForwardHook(self._on_forward), with_kwargs=True))
-        self._handles.append(called.register_forward_hook(_ForwardHook(self._after_forward), with_kwargs=True))
+        self._handles.append(called.register_forward_pre_hook(ForwardHook(self._on_forward), with_kwargs=True))
+        self._handles.append(called.register_forward_hook(ForwardHook(self._after_forward), with_kwargs=True))
         return self
 
     # ------------------------------------------------------------------ training thread
@@ -835,58 +776,29 @@ class DMAuditor:
         self._start_counting(inside_step=False)  # never raises
         if not self._is_audited(self._steps + 1):
             return
-        if self._awaiting_backward:
-            # Opacus adds this forward's per-sample gradients to the earlier one's, sample by sample: its images are
-            # no samples of their own (and shadow mode attacks the first forward's), so they are not copied.
-            self._shared_forwards += 1
-            return
         started = time.perf_counter()
         try:
-            self._forward_copied = True
-            self._copy_batch(args, kwargs)
+            # A forward before the last copied one's backward pass is counted, not copied: Opacus adds its per-sample
+            # gradients to the earlier one's, sample by sample (and shadow mode attacks the first forward's images).
+            shape = self._copies.copy_forward(args, kwargs, limit=self._images_to_copy())
+            if shape is not None:
+                self._warn_once("input shape", f"the model's input has shape {shape}, but the imprint needs image "
+                                "batches N×C×H×W: feed the images unflattened and flatten inside the model (e.g. "
+                                "nn.Flatten()); these steps are not audited")
         except Exception:  # it runs inside the user's forward: count and log it, never raise it there
-            self._copy_failed = True
             self._failed()
         finally:
             self._hook_seconds += time.perf_counter() - started
 
     def _after_forward(self, module, args, kwargs, output) -> None:
         """Watch a copied forward's output for its backward pass: a training forward before it shares that pass."""
-        if not self._forward_copied:
-            return
-        self._forward_copied = False
         started = time.perf_counter()
         try:
-            tensors = output_tensors(output)
-            for tensor in tensors:
-                tensor.register_hook(self._backward_reached)
-            self._awaiting_backward = bool(tensors)
+            self._copies.watch_output(output)
         except Exception:  # it runs inside the user's forward: count and log it, never raise it there
             self._failed()
         finally:
             self._hook_seconds += time.perf_counter() - started
-
-    def _backward_reached(self, grad: torch.Tensor) -> None:
-        self._awaiting_backward = False
-
-    def _copy_batch(self, args: tuple, kwargs: dict) -> None:
-        where = image_argument(args, kwargs)
-        batch = None if where is None else (args[where] if isinstance(where, int) else kwargs[where])
-        if batch is not None and batch.ndim != 4:
-            self._warn_once("input shape", f"the model's input has shape {tuple(batch.shape)}, but the imprint needs "
-                            "image batches N×C×H×W: feed the images unflattened and flatten inside the model (e.g. "
-                            "nn.Flatten()); these steps are not audited")
-        elif batch is not None:
-            # The only work on the training thread: one copy of the images the audit needs.
-            images = batch[: self._images_to_copy()].detach()
-            if images.is_cuda:
-                # Queued on training's stream into pinned memory: a blocking copy would make the training thread wait
-                # until the GPU has run everything queued before it. The worker waits for the event instead.
-                self._pending.append(images.to("cpu", non_blocking=True))
-                self._pending_ready.append(copied_event(images.device))
-            else:
-                self._pending.append(images.to("cpu", copy=True))
-            self._pending_sizes.append(int(batch.shape[0]))
 
     def _start_counting(self, *, inside_step: bool) -> None:
         """At this run's first training forward (or step, if none came first): count steps on from those the
@@ -911,7 +823,7 @@ class DMAuditor:
         instead of 89 on a 2-core CPU), except until its imprint exists, which may be calibrated on that batch."""
         if self.mode == "inline" or self._shadow is None:
             return None
-        return max(0, self.bins - sum(len(images) for images in self._pending))
+        return max(0, self.bins - self._copies.copied)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -954,13 +866,9 @@ class DMAuditor:
 
     def _enqueue(self, step: int) -> None:
         self._steps = step
-        pending, self._pending = self._pending, []
-        ready, self._pending_ready = self._pending_ready, []
-        sizes, self._pending_sizes = self._pending_sizes, []
-        copy_failed, self._copy_failed = self._copy_failed, False
+        copies = self._copies.take()
+        pending, ready, sizes, shared = copies.parts, copies.ready, copies.sizes, copies.shared_forwards
         cut, self._imprint_cut = self._imprint_cut, False
-        shared, self._shared_forwards = self._shared_forwards, 0
-        self._awaiting_backward = self._forward_copied = False
         if not self._is_audited(step):
             return
         if self._distributed_inline:
@@ -981,7 +889,7 @@ class DMAuditor:
                             "a rounding, say), so mode='inline' sees only noise there; these steps are not audited "
                             "(training goes on): use mode='shadow' for this model")
             return
-        if copy_failed:
+        if copies.copy_failed:
             return  # its batch is not whole
         if shared and self.mode == "inline":
             self._warn_once("shared backward", f"step {step} was due for an audit, but {shared} of its training "

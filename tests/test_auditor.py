@@ -24,7 +24,8 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opacus_dmaudit.auditor import DMAuditor, _InertForwardHook, wait_until_freed
+from opacus_dmaudit.auditor import DMAuditor, wait_until_freed
+from opacus_dmaudit.batch_copy import _InertForwardHook
 from opacus_dmaudit.capture import PerLayerClippingError
 from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.prior import DiffusionPrior
