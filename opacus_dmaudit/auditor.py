@@ -443,7 +443,6 @@ class DMAuditor:
         self.worker_niceness = int(worker_niceness)
         self.kappa_samples = int(kappa_samples)
         self._kappa: dict[str, float] | None = None  # estimated at the first audit that recovers images
-        self._charted = False  # the success-against-bound charts are laid out once
         self.log_originals = log_originals
         self.prepare_seconds: float | None = None  # compiling / capturing the prior's step at creation, if it has any
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
@@ -1123,7 +1122,7 @@ class DMAuditor:
             record = AuditRecord(recovered=0, collisions=collisions, noise_std_median=None, t_start_median=None,
                                  from_prior=0, noisy={}, reconstructed={}, success={},
                                  seconds=time.perf_counter() - started, notes=notes, **base)
-            self._log(record, rows=None)
+            self._log(record, images=None)
             return record
 
         # An isolated image's noise depends on its own clip factor alone, not on the batch's size, so the shadow
@@ -1214,10 +1213,8 @@ class DMAuditor:
             seconds=time.perf_counter() - item.started, audits_in_pass=audits_in_pass, notes=notes, **item.base,
         )
         n = self.max_images
-        rows = [noisy[:n].clamp(0, 1), images[:n]]
-        if self.log_originals:
-            rows.insert(0, originals[:n])
-        self._log(record, rows=rows)
+        self._log(record, images={"originals": originals[:n], "noisy": noisy[:n].clamp(0, 1),
+                                  "reconstructed": images[:n]})
         return record
 
     def _baseline(self, originals: torch.Tensor) -> dict[str, float]:
@@ -1256,50 +1253,17 @@ class DMAuditor:
             notes.append(note)
         return epsilon
 
-    def _log(self, record: AuditRecord, *, rows: list[torch.Tensor] | None) -> None:
-        step = record.step
-        scalars: dict[str, float | None] = {
-            "audit/recovered_images": record.recovered,
-            "audit/collisions": record.collisions,
-            "audit/noise_std_median": record.noise_std_median,
-            "audit/t_start_median": record.t_start_median,
-            "privacy/epsilon": record.epsilon,
-            "privacy/mu_step": record.mu_step,
-            "privacy/noise_multiplier": record.noise_multiplier,
-        }
-        for name, value in record.noisy.items():
-            scalars[f"noisy/{name}"] = value
-        for name, value in record.reconstructed.items():
-            scalars[f"reconstructed/{name}"] = value
-        for name, value in record.success.items():
-            scalars[f"success_rate/{name}"] = value
-        for name, value in record.rero_bound.items():
-            scalars[f"rero_bound/{name}"] = value
-        if record.rero_bound and not self._charted:
-            self._charted = True
-            self.writer.chart_with_bounds(sorted(record.rero_bound))
-        self.writer.scalars(scalars, step=step)
-        if rows is not None:
-            self.writer.grid("audit/" + ("original_noisy_reconstructed" if self.log_originals
-                                         else "noisy_reconstructed"), rows, step=step)
-        # Beside the grid in TensorBoard: what its rows are, and the notes that would otherwise sit in audits.jsonl
-        # alone (wrong pixel units, lost colour, epsilon from another accountant).
-        self.writer.text("audit/summary", self._summary_markdown(record, grid=rows is not None), step=step)
-        self.writer.record(asdict(record))
-        self.writer.flush()
-
-    def _summary_markdown(self, record: AuditRecord, *, grid: bool) -> str:
-        lines = [f"`{record.summary()}`", ""]
-        if grid:
+    def _log(self, record: AuditRecord, *, images: dict[str, torch.Tensor] | None) -> None:
+        """Write one audit's logs; ``images`` (the training images, noisy and reconstructed, at most ``max_images``
+        each) become its grid, with the training images' row left out under ``log_originals=False``."""
+        grid = None
+        if images is not None:
             sampler = f"ddim, {self.steps} steps" if self.sampler == "ddim" else "ddpm"
-            rows = ["recovered from the noised DP-SGD gradient", f"reconstructed by the prior ({sampler})"]
-            if self.log_originals:
-                rows.insert(0, "the training images")
-            lines += [f"Grid rows, top to bottom: {'; '.join(rows)} ({min(self.max_images, record.recovered)} of the "
-                      f"{record.recovered} reconstructed, of {record.attacked} attacked in a batch of "
-                      f"{record.batch_size}).", ""]
-        lines += [f"- {note}" for note in record.notes]
-        return "\n".join(lines).strip()
+            captions = {"originals": "the training images", "noisy": "recovered from the noised DP-SGD gradient",
+                        "reconstructed": f"reconstructed by the prior ({sampler})"}
+            grid = {captions[row]: rows for row, rows in images.items()
+                    if row != "originals" or self.log_originals}
+        self.writer.audit(record, grid=grid)
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:

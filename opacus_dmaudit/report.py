@@ -6,17 +6,21 @@ module writes is created with owner-only permissions (files 0600, folders 0700) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import torch
 
+if TYPE_CHECKING:  # the auditor writes its records with this module's writer
+    from opacus_dmaudit.auditor import AuditRecord
+
 __all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
            "write_json", "to_json",
-           "image_grid", "save_image_grid"]
+           "image_grid", "save_image_grid", "audit_scalars", "audit_summary_markdown", "AuditLogWriter"]
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
@@ -111,6 +115,36 @@ def save_image_grid(rows: Sequence[torch.Tensor], path: str | os.PathLike, *, pr
     return write_private_bytes(path, buffer.getvalue(), private=private)
 
 
+def audit_scalars(record: AuditRecord) -> dict[str, float | None]:
+    """An audit's TensorBoard scalars by tag: what it recovered, its privacy figures, the mean metrics of its noisy
+    and reconstructed images, its success rates and their ReRo bounds (None: not logged)."""
+    scalars: dict[str, float | None] = {
+        "audit/recovered_images": record.recovered,
+        "audit/collisions": record.collisions,
+        "audit/noise_std_median": record.noise_std_median,
+        "audit/t_start_median": record.t_start_median,
+        "privacy/epsilon": record.epsilon,
+        "privacy/mu_step": record.mu_step,
+        "privacy/noise_multiplier": record.noise_multiplier,
+    }
+    for prefix, values in (("noisy", record.noisy), ("reconstructed", record.reconstructed),
+                           ("success_rate", record.success), ("rero_bound", record.rero_bound)):
+        scalars.update({f"{prefix}/{name}": value for name, value in values.items()})
+    return scalars
+
+
+def audit_summary_markdown(record: AuditRecord, *, grid_rows: Sequence[str] = (), shown: int = 0) -> str:
+    """The Markdown beside an audit's grid: its summary line, what the grid's rows are (``grid_rows``, top to bottom,
+    ``shown`` images each; none: no grid), and the notes that would otherwise sit in ``audits.jsonl`` alone (wrong
+    pixel units, lost colour, epsilon from another accountant)."""
+    lines = [f"`{record.summary()}`", ""]
+    if grid_rows:
+        lines += [f"Grid rows, top to bottom: {'; '.join(grid_rows)} ({shown} of the {record.recovered} "
+                  f"reconstructed, of {record.attacked} attacked in a batch of {record.batch_size}).", ""]
+    lines += [f"- {note}" for note in record.notes]
+    return "\n".join(lines).strip()
+
+
 class AuditLogWriter:
     """TensorBoard event files plus ``audits.jsonl`` in one private log folder.
 
@@ -133,6 +167,7 @@ class AuditLogWriter:
         self._found = set(self.log_dir.rglob("*")) - {self.jsonl_path}
         self.earlier_run = self.jsonl_path.exists() or any(self.log_dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._charted = False  # the success-against-bound charts are laid out once, at the first audit with bounds
         self._protect()
 
     def _protect(self) -> None:
@@ -158,6 +193,27 @@ class AuditLogWriter:
         """One Custom Scalars chart per ``metric@eta``: the success rate and its ReRo bound on the same axes."""
         self.writer.add_custom_scalars({"success rate against the ReRo bound": {
             key: ["Multiline", [f"success_rate/{key}", f"rero_bound/{key}"]] for key in keys}})
+
+    def audit(self, record: AuditRecord, *, grid: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Log one audit at its step: its scalars (:func:`audit_scalars`), its image grid, the Markdown summary
+        beside it (:func:`audit_summary_markdown`), and its line in ``audits.jsonl``; then flush.
+
+        Args:
+            record: the audit's :class:`~opacus_dmaudit.auditor.AuditRecord`.
+            grid: the grid's rows, top to bottom, by what they show (equally many images each); None: no grid.
+        """
+        if record.rero_bound and not self._charted:
+            self._charted = True
+            self.chart_with_bounds(sorted(record.rero_bound))
+        self.scalars(audit_scalars(record), step=record.step)
+        if grid:
+            tag = "original_noisy_reconstructed" if self.log_originals else "noisy_reconstructed"
+            self.grid(f"audit/{tag}", list(grid.values()), step=record.step)
+        self.text("audit/summary", audit_summary_markdown(record, grid_rows=list(grid or ()),
+                                                          shown=len(next(iter(grid.values()))) if grid else 0),
+                  step=record.step)
+        self.record(dataclasses.asdict(record))
+        self.flush()
 
     def record(self, payload: dict[str, Any]) -> None:
         line = to_json(payload) + "\n"

@@ -4,9 +4,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opacus_dmaudit.report import AuditLogWriter, write_json
+from opacus_dmaudit.auditor import AuditRecord
+from opacus_dmaudit.report import AuditLogWriter, audit_scalars, image_grid, write_json
 
 
 def strict_json(text):
@@ -62,3 +65,35 @@ def test_logs_are_standard_json_without_noise_or_scores(tmp_path):
     expected = {"epsilon": None, "noisy": {"psnr": None, "ssim": None}, "levels": [{"low": None, "step": 3}]}
     assert strict_json((tmp_path / "runs" / "audits.jsonl").read_text()) == expected
     assert strict_json(write_json(tmp_path / "r.json", payload).read_text()) == expected
+
+
+def audit_record(step, **changes):
+    fields = dict(step=step, mode="shadow", scale="oracle", batch_size=64, attacked=64, recovered=3, collisions=5,
+                  noise_multiplier=1.0, max_grad_norm=1.0, epsilon=float("inf"), delta=1e-5, mu_step=1.0,
+                  noise_std_median=0.5, t_start_median=300.0, from_prior=0,
+                  noisy={"psnr": 8.0, "ssim": 0.1, "lpips": None}, reconstructed={"psnr": 15.0, "ssim": 0.4},
+                  success={"ssim@0.5": 0.25}, seconds=1.0, notes=["a note"], kappa={"ssim@0.5": 0.1},
+                  rero_bound={"ssim@0.5": 0.6})
+    return AuditRecord(**{**fields, **changes})
+
+
+def test_an_audit_s_scalars_grid_summary_and_record_land_at_its_step(tmp_path):
+    writer = AuditLogWriter(tmp_path / "runs", log_originals=False)
+    rows = {"recovered": torch.rand(3, 1, 8, 8), "reconstructed": torch.rand(3, 1, 8, 8)}
+    writer.audit(audit_record(5), grid=rows)
+    writer.audit(audit_record(10, recovered=0, noisy={}, reconstructed={}, success={}, rero_bound={}), grid=None)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "runs"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {tag for tag, value in audit_scalars(audit_record(5)).items()
+                                             if value is not None and value == value}
+    assert "noisy/lpips" not in events.Tags()["scalars"]  # None: not scored, not logged
+    assert [e.step for e in events.Scalars("audit/recovered_images")] == [5, 10]
+    (image,) = events.Images("audit/noisy_reconstructed")  # the writer's log_originals names the grid
+    assert (image.step, image.height, image.width) == (5, *image_grid(list(rows.values())).shape[1:])
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("audit/summary/text_summary")]
+    assert "Grid rows, top to bottom: recovered; reconstructed (3 of the 3 reconstructed, of 64 attacked" in texts[0]
+    assert texts[0].endswith("- a note") and "Grid rows" not in texts[1]
+    lines = [strict_json(line) for line in (tmp_path / "runs" / "audits.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 10] and lines[0]["epsilon"] is None
+    assert lines[0]["rero_bound"] == {"ssim@0.5": pytest.approx(0.6)}
