@@ -3,10 +3,12 @@
 Data flow, one module each: ``imprint`` (binning block in front of the model) -> ``capture`` (clipped and noised
 gradients from real DP-SGD steps) -> ``recovery`` (noisy images and their noise levels) -> ``prior`` (diffusion
 model denoising from a matched timestep; its reverse chain, fast path included, in ``reverse_process``) ->
-``metrics`` -> ``report``.
+``metrics`` -> ``report``. ``auditor`` runs them beside an Opacus training run: ``batch_copy`` on the training
+thread, ``attack`` (recovery to scored record) on its worker.
 """
 
-from opacus_dmaudit.auditor import AuditRecord, DMAuditor
+from opacus_dmaudit.attack import AuditRecord
+from opacus_dmaudit.auditor import DMAuditor
 from opacus_dmaudit.capture import CapturedGradients, GradientCapture, PerLayerClippingError
 from opacus_dmaudit.data import ImageLoadError, adapt_to_prior, denormalize, load_images, restore_from_prior
 from opacus_dmaudit.evaluation import PriorEvaluation, evaluate_prior

@@ -18,11 +18,12 @@ Two modes:
 In both modes the imprint's bins are calibrated at ``make_private`` on a sample of the training data, and each audit
 logs, beside its success rates, the ReRo bound of the attacked step at the prior's baseline kappa.
 
-Everything after the copy (shadow step, recovery, reconstruction, metrics, logging) runs on a background thread
-with a bounded queue. A full queue drops an audit instead of blocking training; an exception in an audit is
-logged and never reaches the training loop. Audits that queued up while the worker was busy share one pass of the
-prior (``batch_audits``): a few dozen recovered images per audit leave a GPU mostly idle, a few hundred do not.
-Each image keeps its own seed, so a DDIM reconstruction does not depend on which audits shared its pass.
+Everything after the copy (``batch_copy``) runs on a background thread with a bounded queue: the attack (shadow
+step, recovery, reconstruction, metrics: ``attack``) and the logs (``report``). A full queue drops an audit instead
+of blocking training; an exception in an audit is logged and never reaches the training loop. Audits that queued
+up while the worker was busy share one pass of the prior (``batch_audits``): a few dozen recovered images per audit
+leave a GPU mostly idle, a few hundred do not. Each image keeps its own seed, so a DDIM reconstruction does not
+depend on which audits shared its pass.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
-import functools
 import logging
 import os
 import queue
@@ -39,7 +39,6 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -50,31 +49,23 @@ from opacus.grad_sample import AbstractGradSampleModule
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from opacus_dmaudit.attack import AuditAttack, AuditJob, AuditRecord, RecoveredAudit
 from opacus_dmaudit.batch_copy import SHARED_BACKWARD, ForwardHook, StepBatchCopy, copied_event, wait_for
-from opacus_dmaudit.bounds import PRV_AUDIT_MAX_WORK, estimate_kappa, history_epsilon, rero_bound_gdp
-from opacus_dmaudit.capture import (CapturedGradients, GradientCapture, PerLayerClippingError, chain_pre_step,
-                                    chain_step_hook, released_noise_multiplier)
-from opacus_dmaudit.data import denormalize
-from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel, tf32_rows_note
-from opacus_dmaudit.metrics import METRICS, ImageMetrics, success_rates, summarize
-from opacus_dmaudit.noise import estimate_noise_std
-from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
-from opacus_dmaudit.reverse_process import FastPathConfig, bucket_size, cuda_graphs_leave_default_generator_alone
-from opacus_dmaudit.recovery import SCALES, recover_images
-from opacus_dmaudit.shadow import SHADOW_GAIN, ShadowImprint
+from opacus_dmaudit.capture import (GradientCapture, PerLayerClippingError, chain_pre_step, chain_step_hook,
+                                    released_noise_multiplier)
+from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
+from opacus_dmaudit.metrics import METRICS, ImageMetrics
+from opacus_dmaudit.prior import DiffusionPrior
+from opacus_dmaudit.recovery import SCALES
 from opacus_dmaudit.report import AuditLogWriter
+from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
+from opacus_dmaudit.shadow import SHADOW_GAIN
 
 __all__ = ["DMAuditor", "AuditRecord"]
 
 logger = logging.getLogger("opacus_dmaudit")
 
 INLINE_GAIN = 1e3
-# How far outside [0, 1] audited images may reach before the auditor says their normalisation was not undone (room for
-# rounding, not for a normalisation: those move images by tenths at least).
-PIXEL_RANGE_SLACK = 0.01
-# Calibrated on the same distribution, about one image in a thousand falls outside the bins (their outer edges
-# leave a margin); a quarter says the model's inputs are not what the calibration sampled.
-OUTSIDE_BINS_LIMIT = 0.25
 # Inline bins are set before training: warn when a batch would leave fewer than this share of min(batch, bins) images
 # alone in their bins (64 bins, batch 256: 4.7 images expected, 7%; batch 512: 0.2).
 INLINE_ISOLATION_WARNING = 0.10
@@ -136,119 +127,6 @@ def expected_isolated(batch_size: int, bins: int) -> float:
     return batch_size * (1.0 - 1.0 / bins) ** (batch_size - 1) if bins > 1 else float(batch_size == 1)
 
 
-@dataclass
-class AuditRecord:
-    """One audit step, as written to ``audits.jsonl`` (where non-finite numbers, such as the infinite ``epsilon`` of a
-    run without noise, are written as null).
-
-    Attributes:
-        step: the optimizer step audited (1-based, real steps only), counted as the engine's accountant counts
-            them: a run resumed with ``privacy_engine.load_checkpoint`` goes on from its checkpoint's step.
-        mode / scale: the auditor's ``mode`` and how the attacker fixed each image's scale.
-        batch_size: the audited step's batch: its samples, over all its forwards that had a backward pass of their
-            own (a forward before an earlier one's backward pass adds its gradients to that one's samples).
-        attacked: how many of its images the imprint attacked (the whole batch inline; at most ``bins`` in shadow
-            mode).
-        recovered: how many of those were alone in their bin, and so recovered and reconstructed.
-        collisions: bins that held two or more images (recovered as none of them).
-        noise_multiplier / max_grad_norm: the step's sigma (the accountant's) and clipping norm.
-        epsilon / delta: the accountant's epsilon after this step at ``delta`` (None when it has none).
-        mu_step: 1/sigma, the attacked step's Gaussian mechanism as mu-GDP (None without noise).
-        noise_std_median: the recovered images' per-pixel noise std in pixel units, median over the images.
-        t_start_median: the prior's matched start timestep t*, median over the images.
-        from_prior: images whose noise exceeded the prior's last timestep: their reconstruction is a prior sample.
-        noisy / reconstructed: mean ``mse``, ``psnr`` (dB), ``ssim`` and ``lpips`` (None without its weights) of
-            the recovered images and of their reconstructions, against the training images.
-        success: ``"<metric>@<eta>"``: the fraction of reconstructions within eta of their training image.
-        seconds: the worker's wall time from the audit's recovery to its scoring (the pass of the prior it shared
-            included).
-        audits_in_pass: how many audits shared that pass of the prior (``batch_audits``).
-        notes: what the figures need said beside them (wrong pixel units, lost colour, another accountant's epsilon).
-        kappa: per ``success`` key, how often a draw from the prior alone is within eta of an audited image.
-        rero_bound: per ``success`` key, the highest success rate DP allows any attacker of this step at that kappa.
-    """
-
-    step: int
-    mode: str
-    scale: str
-    batch_size: int
-    attacked: int
-    recovered: int
-    collisions: int
-    noise_multiplier: float
-    max_grad_norm: float
-    epsilon: float | None
-    delta: float
-    mu_step: float | None
-    noise_std_median: float | None
-    t_start_median: float | None
-    from_prior: int
-    noisy: dict[str, float | None]
-    reconstructed: dict[str, float | None]
-    success: dict[str, float]
-    seconds: float
-    audits_in_pass: int = 1
-    notes: list[str] = field(default_factory=list)
-    kappa: dict[str, float] = field(default_factory=dict)
-    rero_bound: dict[str, float] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        if not self.recovered:
-            return f"step {self.step}: no singly-occupied bins ({self.attacked} images of batch {self.batch_size})"
-        eps = "n/a" if self.epsilon is None else f"{self.epsilon:.3g}"
-        r, n = self.reconstructed, self.noisy
-        line = (f"step {self.step}: eps={eps} | {self.recovered} images, noise std {self.noise_std_median:.3g}, "
-                f"t*={self.t_start_median:.0f} | PSNR noisy {n['psnr']:.2f} -> reconstructed {r['psnr']:.2f} dB, "
-                f"SSIM {n['ssim']:.3f} -> {r['ssim']:.3f}")
-        key = "ssim@0.5"
-        if key in self.success and key in self.rero_bound:
-            line += f" | SSIM >= 0.5: {self.success[key]:.2f} (ReRo bound {self.rero_bound[key]:.2f})"
-        return line
-
-
-@dataclass
-class _Job:
-    step: int
-    parts: list[torch.Tensor]  # each copied forward's images the audit needs (shadow mode: the step's first `bins`)
-    batch_size: int  # the step's whole batch
-    captured: CapturedGradients | None
-    history: list
-    noise_multiplier: float
-    max_grad_norm: float
-    expected_batch_size: int
-    loss_reduction: str
-    released_noise_multiplier: float  # the gradients' noise, noise_multiplier but for adaptive clipping
-    shared_forwards: int = 0  # forwards that shared an earlier one's backward pass (their images left out)
-    # CUDA events recorded on training's streams after the step's copies and capture: the training thread queues its
-    # device-to-host copies without waiting for the GPU, so the copied images (pinned memory) and the captured
-    # gradients are whole only once these have passed, and the worker waits for them (wait()).
-    ready: list = field(default_factory=list)
-
-    def wait(self) -> None:
-        """Block this (the worker's) thread until the GPU has made the step's copies and captured its gradients."""
-        wait_for(self.ready)
-        self.ready = []
-
-    @functools.cached_property
-    def batch(self) -> torch.Tensor:
-        """The images the audit needs, in one tensor (one forward's copy is not copied again)."""
-        self.wait()
-        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
-
-
-@dataclass
-class _Recovered:
-    """An audit between recovery and reconstruction."""
-
-    job: _Job
-    base: dict[str, Any]
-    notes: list[str]
-    noisy: torch.Tensor
-    noise_std: torch.Tensor
-    originals: torch.Tensor
-    started: float
-
-
 def sample_image(item):
     """The image of one dataset sample: the sample itself, the first element of a (image, label) pair, or the only
     C×H×W tensor of a dict sample (Hugging Face style ``{"pixel_values": ..., "labels": ...}``)."""
@@ -276,12 +154,6 @@ def preserved_random_state():
             random.setstate(python_state)
             if numpy_state is not None:
                 numpy.random.set_state(numpy_state)
-
-
-def outside_bins(block: ImprintBlock, batch: torch.Tensor) -> float:
-    """The fraction of ``batch`` whose measurement falls outside the block's bins."""
-    bins = block.assign_bins(batch)
-    return float(((bins < 0) | (bins >= block.bins)).float().mean())
 
 
 def image_batch(images, *, what: str) -> torch.Tensor:
@@ -437,12 +309,10 @@ class DMAuditor:
         self.max_reconstructions, self.delta, self.seed = max_reconstructions, float(delta), int(seed)
         self.input_mean, self.input_std = input_mean, input_std
         self.calibration_images = calibration_images
-        self._data_calibration: torch.Tensor | None = None  # shadow mode: a sample of the training data
         self.on_error, self.on_audit = on_error, on_audit
         self.batch_audits = int(batch_audits)
         self.worker_niceness = int(worker_niceness)
         self.kappa_samples = int(kappa_samples)
-        self._kappa: dict[str, float] | None = None  # estimated at the first audit that recovers images
         self.log_originals = log_originals
         self.prepare_seconds: float | None = None  # compiling / capturing the prior's step at creation, if it has any
         # Under torch.distributed only rank 0 audits and writes; the other ranks stay passive.
@@ -451,12 +321,20 @@ class DMAuditor:
         self.log_dir = Path(log_dir if log_dir is not None else f"runs/audit-{time.strftime('%Y%m%d-%H%M%S')}")
         self.prior = prior if isinstance(prior, DiffusionPrior) else None
         self.image_metrics = ImageMetrics(metrics=tuple(metrics), device=None)
+        self._attack: AuditAttack | None = None  # the worker's side: recovery, reconstruction, scoring
         if self.active:
             # Loading initialises networks randomly before the weights arrive: keep the user's RNG untouched.
             with torch.random.fork_rng(devices=[]):
                 if self.prior is None:
                     self.prior = DiffusionPrior.from_pretrained(
                         prior, device=device, fast_path=fast_path or FastPathConfig(compile=False))
+                self._attack = AuditAttack(
+                    prior=self.prior, image_metrics=self.image_metrics, mode=mode, bins=self.bins, structure=imprint,
+                    measurement=measurement, gain=self.gain, seed=self.seed, scale=scale,
+                    estimate_noise=estimate_noise, input_mean=input_mean, input_std=input_std, sampler=sampler,
+                    steps=self.steps, max_reconstructions=max_reconstructions, max_images=self.max_images,
+                    delta=self.delta, kappa_samples=self.kappa_samples, calibration_images=calibration_images,
+                    warn=self._warn_once)
                 self._prepare_prior()
                 self.image_metrics.prepare()
             self.writer = AuditLogWriter(self.log_dir, log_originals=log_originals)
@@ -471,7 +349,6 @@ class DMAuditor:
         self.errors = 0
         self._hook_seconds = 0.0  # training-thread time in the auditor's own hooks (the capture counts its own)
         self.block: ImprintBlock | None = None
-        self._block_copy: ImprintBlock | None = None
         self._engine = privacy_engine
         self._intercepted: list[tuple[str, Callable, Callable]] = []  # (method name, wrapper, what it wraps)
         self._model = self._optimizer = None
@@ -492,7 +369,6 @@ class DMAuditor:
         # Inline under torch.distributed: every rank joins the capture's collectives; rank 0 audits.
         self._distributed_inline = mode == "inline" and torch.distributed.is_available() and \
             torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        self._shadow: ShadowImprint | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=int(queue_size))
         self._stream = None
         self._worker: threading.Thread | None = None
@@ -645,7 +521,7 @@ class DMAuditor:
         if self.calibration_images is not None or data_loader is None or not self.active:
             return
         try:
-            self._data_calibration = image_batch(self._calibration_sample(data_loader),
+            self._attack.data_calibration = image_batch(self._calibration_sample(data_loader),
                                                  what="the data loader's samples")
         except Exception as exc:
             if "N×C×H×W" not in str(exc):  # flattened inputs: the forward hook names that problem itself
@@ -746,9 +622,8 @@ class DMAuditor:
                 raise ValueError("mode='inline' needs an ImprintBlock in the model: create the auditor before "
                                  "make_private, or wrap your model in ImprintedModel yourself")
             snapshot = self.block.parameter_snapshot()
-            # The worker reads this copy, never the live block: Opacus may swap the live parameters (ExpandedWeights
-            # in grad_sample_mode="ew") while the training thread runs. Restored each step, the copy stays valid.
-            self._block_copy = self.block.cpu_copy()
+            if self._attack is not None:
+                self._attack.use_inline_block(self.block)
             self._capture = GradientCapture(optimizer, self.block.imprint, should_capture=self._is_audited,
                                             after_step=self._after_step, on_error=self._failed)
             restore = lambda *args, **kwargs: self.block.restore(snapshot)  # noqa: E731
@@ -820,7 +695,7 @@ class DMAuditor:
         """How many images of this forward's batch the audit needs (None: all). Inline mode attacks the whole batch;
         shadow mode its first ``bins`` images, so it copies no more (for 256 images of 3×224×224 at 64 bins, 23 ms
         instead of 89 on a 2-core CPU), except until its imprint exists, which may be calibrated on that batch."""
-        if self.mode == "inline" or self._shadow is None:
+        if self.mode == "inline" or self._attack is None or self._attack.shadow is None:
             return None
         return max(0, self.bins - self._copies.copied)
 
@@ -911,12 +786,13 @@ class DMAuditor:
             return  # the capture failed, and was counted and logged where it did
         if captured is not None and captured.weight.is_cuda:
             ready.append(copied_event(captured.weight.device))  # the capture's copies are queued on the GPU too
-        job = _Job(
+        job = AuditJob(
             step=step,
             parts=pending,
             ready=ready,
             captured=captured,
             history=list(getattr(accountant, "history", [])),
+            accountant=accountant,
             noise_multiplier=float(optimizer.noise_multiplier),
             max_grad_norm=float(optimizer.max_grad_norm),
             batch_size=sum(sizes),
@@ -940,16 +816,8 @@ class DMAuditor:
     # ------------------------------------------------------------------ worker thread
     @property
     def pass_size(self) -> int:
-        """Images per UNet call of the prior: one audit's reconstructions, rounded up to a power of two (at least the
-        prior's ``min_bucket``), at most its ``default_batch_size`` (256 on CUDA, 32 on CPU, fewer for large images)."""
-        count = min(self.bins, self.max_reconstructions or self.bins)
-        return bucket_size(count, batch_size=self.prior.default_batch_size,
-                           min_bucket=self.prior.reverse_process.config.min_bucket)
-
-    @property
-    def _pass_shape(self) -> tuple[int, int, int, int]:
-        """The N×C×H×W input of one pass of the prior, compiled (if configured) and captured at creation."""
-        return (self.pass_size, self.prior.channels, self.prior.resolution, self.prior.resolution)
+        """Images per UNet call of the prior (see :attr:`AuditAttack.pass_size`)."""
+        return self._attack.pass_size
 
     def _prepare_prior(self) -> None:
         """On the creating thread, before training: switch off what the worker may not run beside training, compile
@@ -966,7 +834,7 @@ class DMAuditor:
             process.switch_off("compile", reason="the audit worker runs compiled code only inside CUDA graphs")
         if process.config.cuda_graphs and not process.frozen:
             started = time.perf_counter()
-            process.prepare(self._pass_shape, batch_size=self.pass_size)
+            process.prepare(self._attack.pass_shape, batch_size=self._attack.pass_size)
             self.prepare_seconds = time.perf_counter() - started
         process.freeze()
 
@@ -1022,54 +890,16 @@ class DMAuditor:
             except Exception:
                 self._failed()
 
-    def _shadow_step(self, job: _Job, attacked: torch.Tensor) -> tuple[CapturedGradients, ImprintBlock]:
-        """One DP-SGD step of the auditor's own imprint model on the attacked images, through Opacus."""
-        if self._shadow is None:
-            self._shadow = self._shadow_imprint(job)
-            self.block = self._shadow.block
-        # The user's run may change these (e.g. a noise schedule); follow it.
-        captured = self._shadow.step(attacked, noise_multiplier=job.released_noise_multiplier,
-                                     max_grad_norm=job.max_grad_norm, expected_batch_size=job.expected_batch_size)
-        return captured, self._shadow.block
-
-    def _shadow_imprint(self, job: _Job) -> ShadowImprint:
-        """The shadow imprint model, its bins calibrated on ``calibration_images``, else on the training data sampled
-        at ``make_private``, else (or when the model's inputs do not look like those samples) on this first batch."""
-        def shadow_imprint(calibration: torch.Tensor) -> ShadowImprint:
-            return ShadowImprint(calibration=calibration, bins=self.bins, structure=self.structure,
-                                 measurement=self.measurement, gain=self.gain,
-                                 noise_multiplier=job.released_noise_multiplier, max_grad_norm=job.max_grad_norm,
-                                 expected_batch_size=job.expected_batch_size, loss_reduction=job.loss_reduction,
-                                 seed=self.seed)
-
-        if self.calibration_images is not None:
-            return shadow_imprint(self.calibration_images)
-        sample = self._data_calibration
-        if sample is None:
-            return shadow_imprint(job.batch)
-        if sample.shape[1:] != job.batch.shape[1:]:
-            mismatch = (f"the model's inputs are {'×'.join(map(str, job.batch.shape[1:]))}, the dataset's samples "
-                        f"{'×'.join(map(str, sample.shape[1:]))}")
-        else:
-            shadow = shadow_imprint(sample)
-            outside = outside_bins(shadow.block, job.batch)
-            if outside <= OUTSIDE_BINS_LIMIT:
-                return shadow
-            mismatch = (f"{outside:.0%} of the first audited batch lies outside the bins calibrated on the dataset's "
-                        "samples")
-        self._warn_once("calibration", f"{mismatch} (a transform between the data loader and the model?): the "
-                        "shadow imprint's bins are calibrated on the first audited batch instead, which they fit "
-                        "better than later ones; pass calibration_images=... (model inputs) to calibrate on data")
-        return shadow_imprint(job.batch)
-
-    def _audit(self, jobs: list[_Job]) -> None:
+    def _audit(self, jobs: list[AuditJob]) -> None:
         """Recover each audit's images, reconstruct all of them in one pass of the prior, then score and log each."""
-        recovered: list[_Recovered] = []
+        recovered: list[RecoveredAudit] = []
         for job in jobs:
             if self._stopped:
                 return
             try:
-                item = self._recover(job)
+                item = self._attack.recover(job)
+                if isinstance(item, AuditRecord):
+                    self._log(item, images=None)
             except Exception:
                 self._failed()
                 continue
@@ -1080,12 +910,7 @@ class DMAuditor:
         if not recovered or self._stopped:
             return
         try:
-            # Each image keeps the seed it would have in an audit of its own: batching changes no DDIM result.
-            seeds = torch.cat([image_seeds(self.seed + item.job.step, len(item.noisy)) for item in recovered])
-            output = self.prior.reconstruct(torch.cat([item.noisy for item in recovered]),
-                                            torch.cat([item.noise_std for item in recovered]),
-                                            sampler=self.sampler, steps=self.steps, seed=seeds,
-                                            batch_size=self.pass_size)
+            output = self._attack.reconstruct(recovered)
         except Exception:
             self._failed(len(recovered))
             return
@@ -1094,164 +919,11 @@ class DMAuditor:
             part = slice(begin, begin + len(item.noisy))
             begin = part.stop
             try:
-                self._done(self._score(item, output, part, audits_in_pass=len(recovered)))
+                scored = self._attack.score(item, output, part, audits_in_pass=len(recovered))
+                self._log(scored.record, images=scored.images)
+                self._done(scored.record)
             except Exception:
                 self._failed()
-
-    def _recover(self, job: _Job) -> _Recovered | AuditRecord:
-        """The attack up to the noisy images: the shadow step or the captured gradients, then recovery."""
-        started = time.perf_counter()
-        job.wait()  # a CUDA step's copies and capture may still be queued behind training's kernels
-        notes: list[str] = []
-        base = dict(step=job.step, mode=self.mode, scale=self.scale, batch_size=job.batch_size,
-                    noise_multiplier=job.noise_multiplier, max_grad_norm=job.max_grad_norm,
-                    epsilon=self._epsilon(job.history, notes), delta=self.delta,
-                    mu_step=(1.0 / job.noise_multiplier) if job.noise_multiplier > 0 else None)
-        if job.shared_forwards:
-            note = (f"{job.shared_forwards} training forward(s) of this step {SHARED_BACKWARD}; the shadow imprint "
-                    "attacks each sample's image in the first forward as if it were the sample's only one (an "
-                    "attacker's bins would hold the mixture)")
-            notes.append(note)
-            self._warn_once("shared backward", note)
-        if job.released_noise_multiplier != job.noise_multiplier:
-            notes.append(f"adaptive clipping: the gradients carry noise multiplier {job.released_noise_multiplier:.4g}"
-                         f" at this step's clipping norm {job.max_grad_norm:.4g}; the accountant's "
-                         f"{job.noise_multiplier:.4g} also pays for the noised count of unclipped samples")
-
-        def nothing_recovered(collisions: int) -> AuditRecord:
-            record = AuditRecord(recovered=0, collisions=collisions, noise_std_median=None, t_start_median=None,
-                                 from_prior=0, noisy={}, reconstructed={}, success={},
-                                 seconds=time.perf_counter() - started, notes=notes, **base)
-            self._log(record, images=None)
-            return record
-
-        # An isolated image's noise depends on its own clip factor alone, not on the batch's size, so the shadow
-        # imprint attacks the first `bins` images (the most images `bins` bins isolate, about 37%): what an attacker
-        # with bins enough for the whole batch sees of them. All of a batch of 512 in 64 bins left no image alone
-        # (Opacus's CIFAR-10 tutorial trains at 512).
-        attacked = job.batch[: self.bins] if self.mode == "shadow" else job.batch
-        base["attacked"] = int(attacked.shape[0])
-        if attacked.shape[0] == 0:  # an empty Poisson batch
-            return nothing_recovered(0)
-        if self.mode == "shadow":
-            captured, block = self._shadow_step(job, attacked)
-        else:
-            # Never None here: _enqueue queues no inline audit whose capture failed.
-            captured, block = job.captured, self._block_copy
-            tf32 = tf32_rows_note(self.block.imprint.weight.device)
-            if tf32 is not None:
-                notes.append(tf32)
-                self._warn_once("tf32", tf32)
-            captured = CapturedGradients(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                                            for k, v in asdict(captured).items()})
-        outside = outside_bins(block, attacked)
-        if outside > OUTSIDE_BINS_LIMIT:
-            note = (f"{outside:.0%} of the audited batch lies outside the imprint's bins: those images share the "
-                    "outer bins and are not recovered, so the audit shows fewer than the attacker could; the bins "
-                    "were calibrated on inputs unlike this batch's: pass calibration_images=... (inputs as the model "
-                    "sees them)")
-            notes.append(note)
-            self._warn_once("outside bins", note)
-        recovered = recover_images(captured, block, scale=self.scale, originals=attacked,
-                                   input_mean=self.input_mean, input_std=self.input_std)
-        base["collisions"] = int(len(recovered.collisions))
-        if len(recovered) == 0:
-            return nothing_recovered(base.pop("collisions"))
-        keep = slice(None) if self.max_reconstructions is None else slice(0, self.max_reconstructions)
-        noisy = recovered.images[keep]
-        noise_std = estimate_noise_std(noisy) if self.estimate_noise else recovered.noise_std[keep]
-        originals = attacked[recovered.sample_index[keep]].float()
-        if self.input_mean is not None or self.input_std is not None:
-            originals = denormalize(originals, mean=0.0 if self.input_mean is None else self.input_mean,
-                                    std=1.0 if self.input_std is None else self.input_std)
-        self._check_pixel_range(originals, notes)
-        return _Recovered(job=job, base=base, notes=notes, noisy=noisy,
-                          noise_std=torch.as_tensor(noise_std, dtype=torch.float64).reshape(-1).expand(len(noisy)),
-                          originals=originals.clamp(0, 1), started=started)
-
-    def _check_pixel_range(self, originals: torch.Tensor, notes: list[str]) -> None:
-        """Note (and warn once) when the audited images are not in pixel space [0, 1]: the prior, the grids and the
-        metrics all assume it, so an undeclared input normalisation would put every figure in the wrong units."""
-        low, high = float(originals.min()), float(originals.max())
-        if low >= -PIXEL_RANGE_SLACK and high <= 1.0 + PIXEL_RANGE_SLACK:
-            return
-        if self.input_mean is None and self.input_std is None:
-            told = "no input_mean/input_std was given"
-        else:
-            told = f"after undoing input_mean={self.input_mean}, input_std={self.input_std}"
-        if low >= 0 and 1.0 + PIXEL_RANGE_SLACK < high <= 255.0:
-            told += "; 0-255 inputs take input_std=1/255"
-        note = (f"the audited images lie in [{low:.3g}, {high:.3g}] ({told}), not in pixel space [0, 1]: pass the "
-                "normalisation your transforms apply as input_mean=/input_std= (e.g. those of "
-                "transforms.Normalize); until then the grids and metrics are in the wrong units")
-        notes.append(note)
-        self._warn_once("pixel range", note)
-
-    def _score(self, item: _Recovered, output: ReconstructionOutput, part: slice, *,
-               audits_in_pass: int) -> AuditRecord:
-        """Metrics, the record and the logs of one audit from its share of the prior's pass."""
-        images, noisy, originals = output.images[part], item.noisy, item.originals
-        from_prior = output.from_prior[part]
-        notes = item.notes + output.fallbacks
-        lost = output.adaptation.loss_note()
-        if lost:
-            notes.append(lost)
-            self._warn_once("adaptation", lost)
-        if from_prior.any():
-            notes.append(self.prior.prior_sample_note(int(from_prior.sum()), len(noisy)))
-        noisy_values = self.image_metrics(noisy.clamp(0, 1), originals)
-        recon_values = self.image_metrics(images, originals)
-        kappa = self._baseline(originals)
-        mu = item.base["mu_step"]  # 1/sigma; None without noise
-        record = AuditRecord(
-            kappa=dict(kappa),
-            # The attacked step alone, with the sample known to be in the batch: a Gaussian mechanism, mu-GDP.
-            rero_bound={key: rero_bound_gdp(mu, k) if mu is not None else 1.0 for key, k in kappa.items()},
-            recovered=len(noisy), noise_std_median=float(item.noise_std.median()),
-            t_start_median=float(output.t_start[part].double().median()), from_prior=int(from_prior.sum()),
-            noisy=summarize(noisy_values), reconstructed=summarize(recon_values), success=success_rates(recon_values),
-            seconds=time.perf_counter() - item.started, audits_in_pass=audits_in_pass, notes=notes, **item.base,
-        )
-        n = self.max_images
-        self._log(record, images={"originals": originals[:n], "noisy": noisy[:n].clamp(0, 1),
-                                  "reconstructed": images[:n]})
-        return record
-
-    def _baseline(self, originals: torch.Tensor) -> dict[str, float]:
-        """kappa per metric@eta: how often a draw from the prior alone is within eta of an audited image."""
-        if self.kappa_samples == 0:
-            return {}
-        if self._kappa is None:
-            try:
-                # DDIM whatever the audits' sampler: DDPM draws from pure noise take all 1,000 steps each (16 draws:
-                # 16,000 image-steps, some 13 minutes at the shipped prior's 20 image-steps/s on a 2-core CPU).
-                self._kappa = estimate_kappa(self.prior, originals, metrics=self.image_metrics,
-                                             samples=self.kappa_samples, sampler="ddim", steps=self.steps,
-                                             seed=self.seed + 1)
-            except Exception as exc:
-                self._kappa = {}
-                self._warn_once("kappa", f"no ReRo bound in this run: estimating the prior's baseline failed: {exc}")
-        return self._kappa
-
-    def _epsilon(self, history: list, notes: list[str]) -> float | None:
-        accountant = getattr(self._engine, "accountant", None)
-        if accountant is None or not history:
-            return None
-        if any(float(noise_multiplier) == 0.0 for noise_multiplier, *_ in history):
-            # No noise, no privacy: epsilon is infinite, which the PRV and GDP accountants fail to compute.
-            return float("inf")
-        try:
-            # The audited step's history, copied: the training thread keeps appending to the accountant's own. A PRV
-            # grid too large for memory (small sigma), or a composition too long for an audit (a noise schedule's
-            # many sigmas), gives way to RDP's epsilon, noted in the record.
-            epsilon, note = history_epsilon(history, delta=self.delta, accountant=accountant,
-                                            max_work=PRV_AUDIT_MAX_WORK)
-        except Exception as exc:
-            notes.append(f"epsilon unavailable: {exc}")
-            return None
-        if note is not None:
-            notes.append(note)
-        return epsilon
 
     def _log(self, record: AuditRecord, *, images: dict[str, torch.Tensor] | None) -> None:
         """Write one audit's logs; ``images`` (the training images, noisy and reconstructed, at most ``max_images``

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # the auditor writes its records with this module's writer
-    from opacus_dmaudit.auditor import AuditRecord
+if TYPE_CHECKING:  # the auditor writes the attack's records with this module's writer
+    from opacus_dmaudit.attack import AuditRecord
 
 __all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
            "write_json", "to_json",
@@ -199,7 +199,7 @@ class AuditLogWriter:
         beside it (:func:`audit_summary_markdown`), and its line in ``audits.jsonl``; then flush.
 
         Args:
-            record: the audit's :class:`~opacus_dmaudit.auditor.AuditRecord`.
+            record: the audit's :class:`~opacus_dmaudit.attack.AuditRecord`.
             grid: the grid's rows, top to bottom, by what they show (equally many images each); None: no grid.
         """
         if record.rero_bound and not self._charted:

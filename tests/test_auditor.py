@@ -24,6 +24,7 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from opacus_dmaudit.attack import audit_epsilon, pixel_range_note
 from opacus_dmaudit.auditor import DMAuditor, wait_until_freed
 from opacus_dmaudit.batch_copy import _InertForwardHook
 from opacus_dmaudit.capture import PerLayerClippingError
@@ -258,7 +259,7 @@ def test_shadow_mode_leaves_training_bit_identical(tmp_path, fashion_images, tin
     # Random augmentations too: the auditor samples the dataset for its bins without moving any global generator.
     _, _, plain = train(fashion_images, augment=True)
     _, auditor, audited = train(fashion_images, augment=True, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
-    assert len(auditor.records) == 4 and auditor._data_calibration is not None
+    assert len(auditor.records) == 4 and auditor._attack.data_calibration is not None
     assert plain.keys() == audited.keys()
     assert all(torch.equal(plain[k], audited[k]) for k in plain)
 
@@ -588,7 +589,7 @@ def test_adaptive_clipping_is_audited_at_the_noise_and_norm_of_each_step(tmp_pat
     assert len(set(norms)) == 4
     last = auditor.records[-1]
     assert last.max_grad_norm == pytest.approx(norms[3])
-    captured = (auditor._capture if mode == "inline" else auditor._shadow.capture).latest
+    captured = (auditor._capture if mode == "inline" else auditor._attack.shadow.capture).latest
     assert captured.coordinate_noise_std == pytest.approx(float(optimizer.noise_multiplier) * released * norms[3])
     # What the step really added: 10,000s of coordinates pin its std to about 1%.
     noise = torch.cat([(captured.weight - captured.clean_weight).flatten(), captured.bias - captured.clean_bias])
@@ -663,17 +664,16 @@ def test_records_stay_in_step_order_when_a_shared_pass_finishes_late(tmp_path, f
     assert [(r.step, r.recovered, r.collisions) for r in auditor.records[2:]] == [(3, 0, 1)]
 
 
-def test_an_audit_s_epsilon_caps_the_prv_composition_s_work(tmp_path, tiny_prior_dir, monkeypatch):
+def test_an_audit_s_epsilon_caps_the_prv_composition_s_work(monkeypatch):
     # A noise schedule that changes sigma every epoch (Opacus's ExponentialNoise) leaves one mechanism per epoch:
     # one audit's PRV epsilon took 86 to 100 s after 50 such epochs on the 2-core CPU. Above bounds.PRV_AUDIT_MAX_WORK
     # (lowered here, so the test stays short) the audit logs RDP's epsilon and says why.
-    from opacus_dmaudit import auditor as auditor_module
+    from opacus_dmaudit import attack
 
-    monkeypatch.setattr(auditor_module, "PRV_AUDIT_MAX_WORK", 10**6)
-    auditor = DMAuditor(PrivacyEngine(), prior=tiny_prior_dir, log_dir=tmp_path / "audit", kappa_samples=0)
+    monkeypatch.setattr(attack, "PRV_AUDIT_MAX_WORK", 10**6)
     notes: list[str] = []
-    epsilon = auditor._epsilon([(0.98**i, 256 / 60000, 234) for i in range(10)], notes)
-    auditor.close(wait=False)
+    epsilon = audit_epsilon([(0.98**i, 256 / 60000, 234) for i in range(10)], accountant=PrivacyEngine().accountant,
+                            delta=1e-5, notes=notes)
     assert epsilon > 0 and len(notes) == 1 and "RDP accountant" in notes[0] and "the 10 mechanisms" in notes[0]
 
 
@@ -1287,9 +1287,8 @@ def test_images_outside_pixel_space_are_flagged_when_the_normalisation_is_not_un
         _, auditor, _ = train(normalised, steps=5, auditor_kwargs=audit_kwargs(
             tmp_path / "b", tiny_prior_dir, input_mean=0.5, input_std=0.5))
     assert len(auditor.records) == 1 and not auditor.records[0].notes and "pixel space" not in caplog.text
-    notes: list[str] = []
-    auditor._check_pixel_range(fashion_images * 255, notes)  # e.g. uint8 inputs scaled in the model
-    assert "lie in [0, 255]" in notes[0] and "0-255 inputs take input_std=1/255" in notes[0]
+    note = pixel_range_note(fashion_images * 255, input_mean=0.5, input_std=0.5)  # uint8 inputs scaled in the model
+    assert "lie in [0, 255]" in note and "0-255 inputs take input_std=1/255" in note
 
 
 def test_arguments_that_cannot_work_are_refused_at_creation(tmp_path, fashion_images, tiny_prior_dir):

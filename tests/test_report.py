@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opacus_dmaudit.auditor import AuditRecord
+from opacus_dmaudit.attack import AuditRecord
 from opacus_dmaudit.report import AuditLogWriter, audit_scalars, image_grid, write_json
 
 
