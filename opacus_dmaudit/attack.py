@@ -110,12 +110,10 @@ class AuditRecord:
         return line
 
 
-
 @dataclass
 class AuditJob:
     """What the training thread queues for one audited step: its copied images and, inline, its captured
     gradients, with the step's privacy settings as they were at that step."""
-
 
     step: int
     parts: list[torch.Tensor]  # each copied forward's images the audit needs (shadow mode: the step's first `bins`)
@@ -165,7 +163,8 @@ def outside_bins(block: ImprintBlock, batch: torch.Tensor) -> float:
     return float(((bins < 0) | (bins >= block.bins)).float().mean())
 
 
-def pixel_range_note(originals: torch.Tensor, *, input_mean=None, input_std=None) -> str | None:
+def pixel_range_note(originals: torch.Tensor, *, input_mean: Sequence[float] | float | None = None,
+                     input_std: Sequence[float] | float | None = None) -> str | None:
     """What to say when the audited images (``input_mean`` / ``input_std`` undone) are not in pixel space [0, 1]:
     the prior, the grids and the metrics all assume it, so an undeclared input normalisation would put every figure
     in the wrong units. None when they are."""
@@ -183,7 +182,7 @@ def pixel_range_note(originals: torch.Tensor, *, input_mean=None, input_std=None
             "until then the grids and metrics are in the wrong units")
 
 
-def audit_epsilon(history: list, *, accountant, delta: float, notes: list[str]) -> float | None:
+def audit_epsilon(history: list, *, accountant: Any, delta: float, notes: list[str]) -> float | None:
     """The epsilon at ``delta`` after an audited step, from a copy of the accountant's history up to that step (the
     training thread keeps appending to the accountant's own), with what it needs said appended to ``notes``; None
     without an accountant or a history."""
