@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,7 @@ from opacus_dmaudit.attack import AuditAttack, AuditJob, AuditRecord, RecoveredA
 from opacus_dmaudit.batch_copy import SHARED_BACKWARD, ForwardHook, StepBatchCopy, copied_event, wait_for
 from opacus_dmaudit.capture import (GradientCapture, PerLayerClippingError, chain_pre_step, chain_step_hook,
                                     released_noise_multiplier)
+from opacus_dmaudit.data import sample_image
 from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
 from opacus_dmaudit.metrics import METRICS, ImageMetrics
 from opacus_dmaudit.prior import DiffusionPrior
@@ -125,20 +126,6 @@ def expected_isolated(batch_size: int, bins: int) -> float:
     """Expected images alone in their bin when ``batch_size`` images fall into ``bins`` equally likely bins (the
     bins are calibrated at the measurement's quantiles)."""
     return batch_size * (1.0 - 1.0 / bins) ** (batch_size - 1) if bins > 1 else float(batch_size == 1)
-
-
-def sample_image(item):
-    """The image of one dataset sample: the sample itself, the first element of a (image, label) pair, or the only
-    C×H×W tensor of a dict sample (Hugging Face style ``{"pixel_values": ..., "labels": ...}``)."""
-    if isinstance(item, (tuple, list)):
-        return item[0]
-    if isinstance(item, Mapping):
-        images = [value for value in item.values() if isinstance(value, torch.Tensor) and value.ndim == 3]
-        if len(images) != 1:
-            raise ValueError(f"a dict sample needs exactly one C×H×W image tensor, found {len(images)} among keys "
-                             f"{', '.join(map(repr, item))}")
-        return images[0]
-    return item
 
 
 @contextlib.contextmanager

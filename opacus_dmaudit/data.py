@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "fashion_mnist_path",
     "load_images",
+    "sample_image",
     "read_idx",
     "Adaptation",
     "adapt_to_prior",
@@ -186,8 +187,8 @@ def load_images(
         source: an IDX file (``.gz`` or not), a ``.npy``/``.npz`` array, a folder of image files, a single
             image file, ``"fashion-mnist"`` / ``"fashion-mnist:train"`` for the embedded default data,
             torchvision's CIFAR-10 / CIFAR-100 folder (``cifar-10-batches-py``, ``cifar-100-python``, or the root
-            above it; the test split, or ``PATH:train``), a torch ``Dataset`` whose items are images or
-            ``(image, label)`` pairs, or an array.
+            above it; the test split, or ``PATH:train``), a torch ``Dataset`` whose items are images,
+            ``(image, label)`` pairs or dicts with one C×H×W image tensor, or an array.
         limit: keep only the first ``limit`` images.
         allow_pickle: read CIFAR's batches, which are Python pickles (reading one can run code): for files you
             trust.
@@ -254,6 +255,20 @@ def _load_single_image(path: Path) -> torch.Tensor:
     return _array_to_images(array[None], source=str(path))
 
 
+def sample_image(item: Any) -> Any:
+    """The image of one dataset sample: the sample itself, the first element of a (image, label) pair, or the only
+    C×H×W tensor of a dict sample (Hugging Face style ``{"pixel_values": ..., "labels": ...}``)."""
+    if isinstance(item, (tuple, list)):
+        return item[0]
+    if isinstance(item, Mapping):
+        images = [value for value in item.values() if isinstance(value, torch.Tensor) and value.ndim == 3]
+        if len(images) != 1:
+            raise ValueError(f"a dict sample needs exactly one C×H×W image tensor, found {len(images)} among keys "
+                             f"{', '.join(map(repr, item))}")
+        return images[0]
+    return item
+
+
 def _load_dataset(dataset: torch.utils.data.Dataset, *, limit: int | None) -> torch.Tensor:
     try:
         count = len(dataset)  # type: ignore[arg-type]
@@ -262,9 +277,10 @@ def _load_dataset(dataset: torch.utils.data.Dataset, *, limit: int | None) -> to
     count = count if limit is None else min(count, limit)
     items = []
     for index in range(count):
-        item = dataset[index]
-        if isinstance(item, (tuple, list)):
-            item = item[0]
+        try:
+            item = sample_image(dataset[index])
+        except ValueError as exc:  # a dict sample without its one image tensor
+            raise ImageLoadError(f"{type(dataset).__name__}[{index}]: {exc}") from None
         if not isinstance(item, (torch.Tensor, np.ndarray)):
             item = np.asarray(item)  # PIL images
         items.append(torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item))

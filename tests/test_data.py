@@ -53,6 +53,12 @@ def test_numpy_folder_and_dataset_sources(tmp_path):
         assert torch.allclose(load_images(source), expected)
     dataset = torch.utils.data.TensorDataset(expected, torch.zeros(3))
     assert torch.allclose(load_images(dataset, limit=2), expected[:2])
+    # Hugging Face style samples, as the auditor reads them for its calibration.
+    samples = [{"pixel_values": image, "labels": 0} for image in expected]
+    assert torch.allclose(load_images(ListDataset(samples)), expected)
+    with pytest.raises(ImageLoadError, match=r"ListDataset\[0\]: a dict sample needs exactly one C×H×W image tensor, "
+                                             r"found 2 among keys 'image', 'mask'"):
+        load_images(ListDataset([{"image": image, "mask": image > 0.5} for image in expected]))
     # A grayscale file among colour ones (ImageNet has them) joins as RGB; only a real size difference is refused.
     Image.fromarray(rgb[0, :, :, 0]).save(folder / "3-gray.png")
     mixed = load_images(folder)
@@ -60,6 +66,18 @@ def test_numpy_folder_and_dataset_sources(tmp_path):
     Image.fromarray(rng.integers(0, 256, size=(9, 8, 3), dtype=np.uint8)).save(folder / "4-taller.png")
     with pytest.raises(ImageLoadError, match=r"differ in size \(8x8, 9x8\); resize them"):
         load_images(folder)
+
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
