@@ -205,11 +205,13 @@ def audit_epsilon(history: list, *, accountant: Any, delta: float, notes: list[s
 
 @dataclass
 class ScoredAudit:
-    """An audit scored: its record, and the images of its grid (at most ``max_images`` each), by row:
-    ``"originals"`` (the training images), ``"noisy"`` (recovered) and ``"reconstructed"``."""
+    """An audit scored: its record, and the images of its grid, at most ``max_images`` each: the training images,
+    the noisy images recovered from their gradients, and their reconstructions."""
 
     record: AuditRecord
-    images: dict[str, torch.Tensor]
+    originals: torch.Tensor
+    noisy: torch.Tensor
+    reconstructed: torch.Tensor
 
 
 class AuditAttack:
@@ -379,8 +381,8 @@ class AuditAttack:
             seconds=time.perf_counter() - item.started, audits_in_pass=audits_in_pass, notes=notes, **item.base,
         )
         n = self.max_images
-        return ScoredAudit(record=record, images={"originals": originals[:n], "noisy": noisy[:n].clamp(0, 1),
-                                                  "reconstructed": images[:n]})
+        return ScoredAudit(record=record, originals=originals[:n], noisy=noisy[:n].clamp(0, 1),
+                           reconstructed=images[:n])
 
     def _baseline(self, originals: torch.Tensor) -> dict[str, float]:
         """kappa per metric@eta: how often a draw from the prior alone is within eta of an audited image."""

@@ -49,7 +49,7 @@ from opacus.grad_sample import AbstractGradSampleModule
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from opacus_dmaudit.attack import AuditAttack, AuditJob, AuditRecord, RecoveredAudit
+from opacus_dmaudit.attack import AuditAttack, AuditJob, AuditRecord, RecoveredAudit, ScoredAudit
 from opacus_dmaudit.batch_copy import SHARED_BACKWARD, ForwardHook, StepBatchCopy, copied_event, wait_for
 from opacus_dmaudit.capture import (GradientCapture, PerLayerClippingError, chain_pre_step, chain_step_hook,
                                     released_noise_multiplier)
@@ -885,15 +885,13 @@ class DMAuditor:
                 return
             try:
                 item = self._attack.recover(job)
-                if isinstance(item, AuditRecord):
-                    self._log(item, images=None)
+                if isinstance(item, AuditRecord):  # nothing recovered: no pass of the prior
+                    self._log(item)
+                    self._done(item)
+                else:
+                    recovered.append(item)
             except Exception:
                 self._failed()
-                continue
-            if isinstance(item, AuditRecord):
-                self._done(item)
-            else:
-                recovered.append(item)
         if not recovered or self._stopped:
             return
         try:
@@ -907,22 +905,21 @@ class DMAuditor:
             begin = part.stop
             try:
                 scored = self._attack.score(item, output, part, audits_in_pass=len(recovered))
-                self._log(scored.record, images=scored.images)
+                self._log(scored)
                 self._done(scored.record)
             except Exception:
                 self._failed()
 
-    def _log(self, record: AuditRecord, *, images: dict[str, torch.Tensor] | None) -> None:
-        """Write one audit's logs; ``images`` (the training images, noisy and reconstructed, at most ``max_images``
-        each) become its grid, with the training images' row left out under ``log_originals=False``."""
-        grid = None
-        if images is not None:
-            sampler = f"ddim, {self.steps} steps" if self.sampler == "ddim" else "ddpm"
-            captions = {"originals": "the training images", "noisy": "recovered from the noised DP-SGD gradient",
-                        "reconstructed": f"reconstructed by the prior ({sampler})"}
-            grid = {captions[row]: rows for row, rows in images.items()
-                    if row != "originals" or self.log_originals}
-        self.writer.audit(record, grid=grid)
+    def _log(self, audit: AuditRecord | ScoredAudit) -> None:
+        """Write one audit's logs; a scored audit's images become its grid (the writer leaves the training images
+        out under ``log_originals=False``)."""
+        if isinstance(audit, AuditRecord):
+            self.writer.audit(audit)
+            return
+        sampler = f"ddim, {self.steps} steps" if self.sampler == "ddim" else "ddpm"
+        self.writer.audit(audit.record, originals=audit.originals, rows={
+            "recovered from the noised DP-SGD gradient": audit.noisy,
+            f"reconstructed by the prior ({sampler})": audit.reconstructed})
 
     # ------------------------------------------------------------------ lifecycle
     def wait(self) -> None:

@@ -194,14 +194,22 @@ class AuditLogWriter:
         self.writer.add_custom_scalars({"success rate against the ReRo bound": {
             key: ["Multiline", [f"success_rate/{key}", f"rero_bound/{key}"]] for key in keys}})
 
-    def audit(self, record: AuditRecord, *, grid: Mapping[str, torch.Tensor] | None = None) -> None:
+    def audit(self, record: AuditRecord, *, originals: torch.Tensor | None = None,
+              rows: Mapping[str, torch.Tensor] | None = None) -> None:
         """Log one audit at its step: its scalars (:func:`audit_scalars`), its image grid, the Markdown summary
         beside it (:func:`audit_summary_markdown`), and its line in ``audits.jsonl``; then flush.
 
         Args:
             record: the audit's :class:`~opacus_dmaudit.attack.AuditRecord`.
-            grid: the grid's rows, top to bottom, by what they show (equally many images each); None: no grid.
+            originals: the training images, the grid's top row; never written under ``log_originals=False``.
+            rows: the grid's rows below them, top to bottom, by what they show (as many images each as
+                ``originals``); None: no grid.
         """
+        grid: dict[str, torch.Tensor] = {}
+        if rows:
+            if originals is not None and self.log_originals:
+                grid["the training images"] = originals
+            grid.update(rows)
         if record.rero_bound and not self._charted:
             self._charted = True
             self.chart_with_bounds(sorted(record.rero_bound))
@@ -209,7 +217,7 @@ class AuditLogWriter:
         if grid:
             tag = "original_noisy_reconstructed" if self.log_originals else "noisy_reconstructed"
             self.grid(f"audit/{tag}", list(grid.values()), step=record.step)
-        self.text("audit/summary", audit_summary_markdown(record, grid_rows=list(grid or ()),
+        self.text("audit/summary", audit_summary_markdown(record, grid_rows=list(grid),
                                                           shown=len(next(iter(grid.values()))) if grid else 0),
                   step=record.step)
         self.record(dataclasses.asdict(record))

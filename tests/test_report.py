@@ -80,8 +80,8 @@ def audit_record(step, **changes):
 def test_an_audit_s_scalars_grid_summary_and_record_land_at_its_step(tmp_path):
     writer = AuditLogWriter(tmp_path / "runs", log_originals=False)
     rows = {"recovered": torch.rand(3, 1, 8, 8), "reconstructed": torch.rand(3, 1, 8, 8)}
-    writer.audit(audit_record(5), grid=rows)
-    writer.audit(audit_record(10, recovered=0, noisy={}, reconstructed={}, success={}, rero_bound={}), grid=None)
+    writer.audit(audit_record(5), originals=torch.rand(3, 1, 8, 8), rows=rows)  # log_originals=False: left out
+    writer.audit(audit_record(10, recovered=0, noisy={}, reconstructed={}, success={}, rero_bound={}))
     writer.close()
     events = EventAccumulator(str(tmp_path / "runs"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
