@@ -281,9 +281,7 @@ def _load_dataset(dataset: torch.utils.data.Dataset, *, limit: int | None) -> to
             item = sample_image(dataset[index])
         except ValueError as exc:  # a dict sample without its one image tensor
             raise ImageLoadError(f"{type(dataset).__name__}[{index}]: {exc}") from None
-        if not isinstance(item, (torch.Tensor, np.ndarray)):
-            item = np.asarray(item)  # PIL images
-        items.append(torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item))
+        items.append(item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item)))  # PIL images too
     if not items:
         raise ImageLoadError("the Dataset is empty")
     stacked = torch.stack(items)

@@ -68,7 +68,6 @@ def test_numpy_folder_and_dataset_sources(tmp_path):
         load_images(folder)
 
 
-
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, items):
         self.items = items
