@@ -46,6 +46,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    value = _non_negative_float(text)
+    if not value < 1 or value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (0.95 for 95%), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="opacus-dmaudit",
@@ -141,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="error threshold of a success (1 - SSIM for ssim; default 0.5)")
     sweep.add_argument("--target-success", type=_non_negative_float, default=0.05,
                        help="highest acceptable success rate for the recommendation (default 0.05)")
+    sweep.add_argument("--confidence", type=_probability, default=0.95,
+                       help="level of each success rate's Clopper-Pearson interval (default 0.95)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the noise, batches and sampler (default 0)")
     sweep.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     sweep.add_argument("--allow-pickle", action="store_true", help=_PICKLE_HELP)
@@ -254,7 +263,7 @@ def _sweep(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, bins=args.bins, sampler=args.sampler, steps=args.steps, links=args.links,
         scale=args.scale, estimate_noise=args.estimate_noise,
         kappa_samples=args.kappa_samples, success_metric=args.success_metric, success_eta=args.success_eta,
-        target_success=args.target_success, seed=args.seed,
+        target_success=args.target_success, confidence=args.confidence, seed=args.seed,
     )
     if config.sample_rate > 1:
         raise CliError(f"--sample-rate must be at most 1, got {config.sample_rate}")
@@ -268,7 +277,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if rank == 0:
         key = f"{config.success_metric}@{config.success_eta:g}"
         header = (f"{'sigma':>7} {'epsilon':>9} {'images':>6} {'noise std':>9} | {'noisy PSNR':>10} {'recon PSNR':>10} "
-                  f"{'recon SSIM':>10} | {'success ' + key:>16} {'kappa':>7} {'bound: steps':>12} "
+                  f"{'recon SSIM':>10} | {'success ' + key:>16} {f'{config.confidence:.0%} interval':>13} "
+                  f"{'kappa':>7} {'bound: steps':>12} "
                   f"{'bound: schedule':>15}")
         print(f"schedule: q = {config.sample_rate:g}, {config.epochs:g} epochs ({config.training_steps} steps), "
               f"delta = {config.delta:g}; attack: batch {config.batch_size}, {config.bins} bins, links "
@@ -278,9 +288,11 @@ def _sweep(args: argparse.Namespace) -> int:
         for e in result.entries:
             eps = "n/a" if e.epsilon is None else f"{e.epsilon:.3g}"
             bound = e.rero_bound.get(key)
+            ci = e.success_ci.get(key, {"low": float("nan"), "high": float("nan")})
+            interval = f"{ci['low']:.3f}-{ci['high']:.3f}"
             print(f"{e.noise_multiplier:>7.3g} {eps:>9} {e.n_images:>6d} {e.noise_std['median']:>9.3g} | "
                   f"{e.noisy['psnr']:>10.2f} {e.reconstructed['psnr']:>10.2f} {e.reconstructed['ssim']:>10.3f} | "
-                  f"{e.success.get(key, float('nan')):>16.3f} {e.kappa.get(key, float('nan')):>7.4f} "
+                  f"{e.success.get(key, float('nan')):>16.3f} {interval:>13} {e.kappa.get(key, float('nan')):>7.4f} "
                   f"{e.rero_bound_attack.get(key, float('nan')):>12.3f} "
                   f"{'n/a' if bound is None else format(bound, '.3f'):>15}")
         print("bound: steps = ReRo bound for what the attack saw (the sample known to be in the attacked step(s)); "

@@ -27,6 +27,7 @@ __all__ = [
     "ImageMetrics",
     "SUCCESS_THRESHOLDS",
     "reconstruction_errors",
+    "success_interval",
     "success_rate",
     "success_rates",
     "summarize",
@@ -234,17 +235,56 @@ def reconstruction_errors(name: str, values: torch.Tensor) -> torch.Tensor:
     return 1.0 - values if name == "ssim" else values
 
 
-def success_rates(values: dict[str, torch.Tensor | None],
-                  thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, float]:
-    """``{"<metric>@<eta>": fraction of images with error <= eta}`` for every available metric and threshold."""
-    rates = {}
+def success_counts(values: dict[str, torch.Tensor | None],
+                   thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, tuple[int, int]]:
+    """``{"<metric>@<eta>": (images with error <= eta, images scored)}`` for every available metric and threshold."""
+    counts = {}
     for name, etas in thresholds.items():
         if values.get(name) is None:
             continue
         errors = reconstruction_errors(name, values[name])
         for eta in etas:
-            rates[f"{name}@{eta:g}"] = success_rate(errors, eta)
-    return rates
+            counts[f"{name}@{eta:g}"] = (int((errors <= eta).sum()), int(errors.numel()))
+    return counts
+
+
+def success_rates(values: dict[str, torch.Tensor | None],
+                  thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS) -> dict[str, float]:
+    """``{"<metric>@<eta>": fraction of images with error <= eta}`` for every available metric and threshold."""
+    return {key: hits / images if images else math.nan
+            for key, (hits, images) in success_counts(values, thresholds).items()}
+
+
+def success_intervals(values: dict[str, torch.Tensor | None],
+                      thresholds: dict[str, tuple[float, ...]] = SUCCESS_THRESHOLDS, *,
+                      confidence: float = 0.95) -> dict[str, dict[str, float]]:
+    """``{"<metric>@<eta>": {"low": ..., "high": ...}}``: the :func:`success_interval` of each of
+    :func:`success_rates`, named for JSON readers."""
+    intervals = {}
+    for key, (hits, images) in success_counts(values, thresholds).items():
+        low, high = success_interval(hits, images, confidence=confidence)
+        intervals[key] = {"low": low, "high": high}
+    return intervals
+
+
+def success_interval(hits: int, images: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of a success rate: ``hits`` of ``images`` reconstructions succeeded.
+
+    The attacked images are a sample, so an observed rate carries sampling error (2 hits in 128 images leave the
+    rate anywhere from 0.002 to 0.055 at 95%). The exact binomial interval (``scipy.stats.binomtest``) holds its
+    coverage at any sample size and at rates near 0, where the normal approximation does not.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when no image was scored.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    if images == 0:
+        return math.nan, math.nan
+    from scipy.stats import binomtest
+
+    interval = binomtest(hits, images).proportion_ci(confidence_level=confidence, method="exact")
+    return float(interval.low), float(interval.high)
 
 
 def success_rate(values: torch.Tensor, threshold: float, *, lower_is_better: bool = True) -> float:

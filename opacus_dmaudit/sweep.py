@@ -26,7 +26,8 @@ import torch
 from opacus_dmaudit.bounds import (estimate_kappa, mu_gdp, noise_multiplier_for_epsilon, rero_bound_gdp,
                                    rero_bounds_dpsgd, schedule_epsilon)
 from opacus_dmaudit.data import adapt_to_prior
-from opacus_dmaudit.metrics import SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, success_rates, summarize
+from opacus_dmaudit.metrics import (SUCCESS_THRESHOLDS, ImageMetrics, lpips_status, success_intervals, success_rates,
+                                    summarize)
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.recovery import SCALES, recover_images
@@ -55,6 +56,9 @@ class SweepConfig:
             oracle scale); the entries' ``noise_std`` stays recovery's, ``noise_std_estimated`` holds the estimates.
         success_metric / success_eta / target_success: the recommendation is the smallest sigma whose success rate
             (error within eta) stays at or below ``target_success``.
+        confidence: the level of each success rate's Clopper-Pearson interval (``SweepEntry.success_ci``). The
+            recommendation says when the interval of the rate it rests on reaches above ``target_success``: the
+            rate is then under the target by sampling luck as much as by the noise, and more images would settle it.
     """
 
     noise_multipliers: Sequence[float] = (0.3, 1.0, 3.0)
@@ -74,6 +78,7 @@ class SweepConfig:
     success_metric: str = "ssim"
     success_eta: float = 0.5
     target_success: float = 0.05
+    confidence: float = 0.95
     seed: int = 0
 
     def validate(self) -> None:
@@ -93,6 +98,9 @@ class SweepConfig:
             raise ValueError(f"success_metric must be one of {', '.join(SUCCESS_THRESHOLDS)}")
         if not self.success_eta > 0:
             raise ValueError(f"success_eta must be positive, got {self.success_eta}")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"confidence must lie strictly between 0 and 1 (0.95 for a 95% interval), got "
+                             f"{self.confidence}")
 
     @property
     def thresholds(self) -> dict[str, tuple[float, ...]]:
@@ -116,6 +124,7 @@ class SweepEntry:
     ``epochs / q`` steps: the attacker does not know when a sample was used); ``rero_bound_attack`` covers exactly
     what this attack observes (``links`` steps in which the sample is known to be in the batch:
     ``sqrt(links) / sigma``-GDP). The empirical rate must stay under the second; it can exceed the first.
+    ``success_ci`` holds each rate's Clopper-Pearson interval (``low``, ``high``) over the ``n_images`` images.
     """
 
     noise_multiplier: float
@@ -132,6 +141,7 @@ class SweepEntry:
     noisy: dict[str, float | None]
     reconstructed: dict[str, float | None]
     success: dict[str, float]
+    success_ci: dict[str, dict[str, float]]
     kappa: dict[str, float]
     rero_bound: dict[str, float | None]
     rero_bound_attack: dict[str, float]
@@ -214,7 +224,9 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
         noise_std_estimated=None if estimated is None else quantiles(estimated),
         t_start_median=float(output.t_start.double().median()) if noisy.shape[0] else math.nan,
         noisy=summarize(noisy_values), reconstructed=summarize(recon_values),
-        success=success_rates(recon_values, config.thresholds), kappa=dict(kappa), rero_bound=bounds,
+        success=success_rates(recon_values, config.thresholds),
+        success_ci=success_intervals(recon_values, config.thresholds, confidence=config.confidence),
+        kappa=dict(kappa), rero_bound=bounds,
         rero_bound_attack={key: rero_bound_gdp(mu_gdp(sigma, config.links), k) for key, k in kappa.items()},
         seconds=round(time.perf_counter() - started, 3),
     )
@@ -234,13 +246,22 @@ def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | 
                           f"{config.target_success:g}: sweep larger ones"}
     else:
         best = safe[0]
+        interval = best.success_ci.get(key, {"low": math.nan, "high": math.nan})
+        low, high = interval["low"], interval["high"]
         recommendation = {
             "noise_multiplier": best.noise_multiplier, "epsilon": best.epsilon, "delta": config.delta,
             "criterion": key, "target_success": config.target_success, "success": best.success.get(key),
+            "success_ci": dict(interval), "confidence": config.confidence,
             "message": f"noise multiplier {best.noise_multiplier:g}: {key} success rate "
-                       f"{best.success.get(key, 0):.3f} <= {config.target_success:g}, epsilon "
+                       f"{best.success.get(key, 0):.3f} <= {config.target_success:g} ({config.confidence:.0%} "
+                       f"interval {low:.3f} to {high:.3f} over {best.n_images} images), epsilon "
                        f"{best.epsilon if best.epsilon is not None else float('nan'):.3g} at delta {config.delta:g} "
                        f"for your schedule (q = {config.sample_rate:g}, {config.epochs:g} epochs)"}
+        if high > config.target_success:
+            # The rate is under the target, but so few images were attacked that a true rate above it would often
+            # give the same count: the choice must not look firmer than it is.
+            recommendation["message"] += (f"; the interval reaches above {config.target_success:g}, so the rate may "
+                                          "be under the target by chance: attack more images (--limit) to settle it")
     if unscored:
         # Their success rate is not 0 but unknown: no recommendation may rest on them, and the user must know why.
         recommendation["unscored"] = unscored
@@ -364,6 +385,14 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _log_axis(ax, xs: list[float]) -> None:
+    """A log x axis ticked at the swept values alone (matplotlib's minor labels overlap over a short range)."""
+    ax.set_xscale("log")
+    ticks = sorted({x for x in xs if math.isfinite(x) and x > 0})
+    ax.set_xticks(ticks, [f"{x:.3g}" for x in ticks])
+    ax.minorticks_off()
+
+
 def _plot(result: SweepResult, out: Path) -> None:
     import matplotlib
 
@@ -382,11 +411,16 @@ def _plot(result: SweepResult, out: Path) -> None:
             ax.plot(xs, [e.reconstructed.get(metric) for e in entries], "o-", label="reconstructed")
             ax.set_xlabel(axis_name)
             ax.set_ylabel(metric.upper())
-            ax.set_xscale("log")
+            _log_axis(ax, xs)
             ax.legend()
         ax = axes[3]
         for key in sorted(entries[0].success):
-            line, = ax.plot(xs, [e.success[key] for e in entries], "o-", label=f"success {key}")
+            rates = [e.success[key] for e in entries]
+            # The bars are each rate's interval: few images leave a rate rough, and the plot must not hide it.
+            spans = [[rate - e.success_ci[key]["low"] for rate, e in zip(rates, entries)],
+                     [e.success_ci[key]["high"] - rate for rate, e in zip(rates, entries)]]
+            line = ax.errorbar(xs, rates, yerr=spans, fmt="o-", capsize=3,
+                               label=f"success {key} ({result.config['confidence']:.0%} interval)").lines[0]
             bounds = [e.rero_bound.get(key) for e in entries]
             ax.plot(xs, [math.nan if b is None else b for b in bounds], "s:", color=line.get_color(),
                     label=f"ReRo bound, schedule {key}")
@@ -394,7 +428,7 @@ def _plot(result: SweepResult, out: Path) -> None:
                     label=f"ReRo bound, attacked steps {key}")
         ax.set_xlabel(axis_name)
         ax.set_ylabel("success rate")
-        ax.set_xscale("log")
+        _log_axis(ax, xs)
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
         fig.suptitle(f"opacus-dmaudit sweep, prior {result.prior}")

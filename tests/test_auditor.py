@@ -234,13 +234,19 @@ def test_each_audit_logs_the_rero_bound_of_its_attacked_step_beside_its_success_
     for key, kappa in first.kappa.items():
         assert first.rero_bound[key] == pytest.approx(norm.cdf(norm.ppf(kappa) + 2.0), rel=1e-9)
     assert "ReRo bound" in first.summary()
+    # At most 4 images scored per audit: each rate comes with its (wide) exact interval, in the record and its line.
+    assert set(first.success_ci) == set(first.success)
+    for key, rate in first.success.items():
+        assert first.success_ci[key]["low"] <= rate <= first.success_ci[key]["high"]
+    ci = first.success_ci["ssim@0.5"]
+    assert f"SSIM >= 0.5: {first.success['ssim@0.5']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}]" in first.summary()
     events = EventAccumulator(str(tmp_path / "bound" / "audit"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     assert [e.value for e in events.Scalars("rero_bound/ssim@0.5")] == pytest.approx(
         [r.rero_bound["ssim@0.5"] for r in auditor.records])
     assert "custom_scalars__config__" in events.Tags()["tensors"]  # success and bound on one chart
-    assert json.loads((tmp_path / "bound" / "audit" / "audits.jsonl").read_text().splitlines()[0])["kappa"] == \
-        first.kappa
+    written = json.loads((tmp_path / "bound" / "audit" / "audits.jsonl").read_text().splitlines()[0])
+    assert written["kappa"] == first.kappa and written["success_ci"] == first.success_ci
     # The draws are DDIM ones whatever the audits' sampler (DDPM draws would take all 1,000 steps each).
     prior = DiffusionPrior.from_pretrained(tiny_prior_dir)
     draws, sample = [], prior.sample

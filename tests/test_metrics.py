@@ -45,3 +45,24 @@ def test_noise_estimate_tracks_the_true_std(fashion_images):
         assert abs(float(estimate.median()) / std - 1) < 0.15, (std, estimate.median())
     with pytest.raises(ValueError, match="non-negative"):
         add_gaussian_noise(fashion_images[:2], -1.0)
+
+
+def test_a_success_rate_comes_with_its_exact_binomial_interval():
+    from scipy.stats import binom
+
+    from opacus_dmaudit.metrics import success_interval, success_intervals, success_rates
+
+    low, high = success_interval(2, 128)
+    assert (round(low, 4), round(high, 4)) == (0.0019, 0.0553)
+    # Clopper-Pearson: each limit is the rate at which the count seen is just in the outer 2.5% tail.
+    assert binom.sf(1, 128, low) == pytest.approx(0.025) and binom.cdf(2, 128, high) == pytest.approx(0.025)
+    assert success_interval(0, 50)[0] == 0.0 and success_interval(50, 50)[1] == 1.0
+    assert success_interval(2, 128, confidence=0.8)[1] < high
+    assert all(math.isnan(x) for x in success_interval(0, 0))
+    with pytest.raises(ValueError, match="confidence must lie strictly between 0 and 1"):
+        success_interval(1, 10, confidence=95)
+    ssim_values = torch.tensor([0.9, 0.8, 0.3, 0.2, 0.6], dtype=torch.float64)  # errors 0.1 0.2 0.7 0.8 0.4
+    rates, intervals = success_rates({"ssim": ssim_values}), success_intervals({"ssim": ssim_values})
+    assert rates == {"ssim@0.3": 0.4, "ssim@0.5": 0.6}
+    assert tuple(intervals["ssim@0.5"].values()) == success_interval(3, 5)
+    assert all(ci["low"] <= rates[key] <= ci["high"] for key, ci in intervals.items())

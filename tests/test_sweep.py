@@ -23,7 +23,9 @@ def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_imag
     assert high["noise_std"]["median"] == pytest.approx(10 * low["noise_std"]["median"], rel=0.05)
     assert low["noisy"]["psnr"] > high["noisy"]["psnr"]
     for entry in entries:
-        assert set(entry["success"]) == set(entry["kappa"]) == set(entry["rero_bound"])
+        assert set(entry["success"]) == set(entry["kappa"]) == set(entry["rero_bound"]) == set(entry["success_ci"])
+        for key, rate in entry["success"].items():
+            assert entry["success_ci"][key]["low"] <= rate <= entry["success_ci"][key]["high"]
         for key, bound in entry["rero_bound"].items():
             assert entry["kappa"][key] <= bound <= 1.0
             assert entry["kappa"][key] <= entry["rero_bound_attack"][key] <= 1.0
@@ -34,6 +36,30 @@ def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_imag
     assert (tmp_path / "sweep" / "grid_sigma_0.3.png").stat().st_mode & 0o077 == 0
     assert list((tmp_path / "sweep" / "tensorboard").glob("events.out.tfevents.*"))
     assert result.recommendation["criterion"] == "ssim@0.5"
+
+
+def test_a_recommendation_that_rests_on_too_few_images_says_so():
+    from opacus_dmaudit.metrics import success_interval
+    from opacus_dmaudit.sweep import SweepEntry, _recommend
+
+    def entry(hits, images):
+        low, high = success_interval(hits, images)
+        return SweepEntry(noise_multiplier=3.0, epsilon=0.12, epsilon_rdp=0.2, epsilon_prv=0.12, delta=1e-5,
+                          mu=1 / 3, links=1, n_images=images, noise_std={"median": 36.9}, noise_std_estimated=None,
+                          t_start_median=921.0, noisy={}, reconstructed={}, success={"ssim@0.5": hits / images},
+                          success_ci={"ssim@0.5": {"low": low, "high": high}}, kappa={"ssim@0.5": 0.016},
+                          rero_bound={"ssim@0.5": 0.017}, rero_bound_attack={"ssim@0.5": 0.035}, seconds=1.0)
+
+    # 2 of 128 (the README's sweep at sigma 3) is under 5%, but a true rate of 5.5% gives so few hits 2.5% of the time.
+    unsure = _recommend([entry(2, 128)], SweepConfig())
+    assert unsure["noise_multiplier"] == 3.0 and unsure["success_ci"]["high"] == pytest.approx(0.0553, abs=1e-4)
+    assert "(95% interval 0.002 to 0.055 over 128 images)" in unsure["message"]
+    assert unsure["message"].endswith("the interval reaches above 0.05, so the rate may be under the target by "
+                                      "chance: attack more images (--limit) to settle it")
+    firm = _recommend([entry(8, 1024)], SweepConfig())
+    assert firm["success_ci"]["high"] < 0.05 and "by chance" not in firm["message"]
+    with pytest.raises(ValueError, match="confidence must lie strictly between 0 and 1"):
+        SweepConfig(confidence=95).validate()
 
 
 def test_a_batch_larger_than_the_bins_is_attacked_in_steps_of_as_many_images_as_bins(fashion_images, tiny_prior_dir):
@@ -123,8 +149,8 @@ def test_the_command_line_takes_the_attackers_estimates(tmp_path, tiny_prior_dir
     out = subprocess.run([sys.executable, "-m", "opacus_dmaudit", "sweep", "--images", "fashion-mnist", "--prior",
                           tiny_prior_dir, "--noise-multipliers", "0.05", "--limit", "32", "--batch-size", "32",
                           "--bins", "64", "--steps", "1", "--kappa-samples", "1", "--scale", "bin-measurement",
-                          "--estimate-noise", "--out", str(tmp_path / "s")], capture_output=True, text=True,
-                         timeout=600)
+                          "--estimate-noise", "--target-success", "1", "--out", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     written = json.loads((tmp_path / "s" / "recommendation.json").read_text())
     assert written["config"]["scale"] == "bin-measurement" and written["config"]["estimate_noise"] is True
@@ -132,6 +158,16 @@ def test_the_command_line_takes_the_attackers_estimates(tmp_path, tiny_prior_dir
     entry = json.loads((tmp_path / "s" / "sweep.json").read_text())[0]
     assert entry["noise_std_estimated"]["median"] > 0
     assert "the attacker estimates its scale and noise level" in out.stdout
+    assert "95% interval" in out.stdout and "95% interval" in written["recommendation"]["message"]
+
+
+def test_the_command_line_refuses_a_confidence_outside_0_to_1(capsys):
+    from opacus_dmaudit.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["sweep", "--images", "x", "--prior", "y", "--out", "z", "--confidence", "95"])
+    assert exit_info.value.code == 2
+    assert "--confidence: expected a number between 0 and 1 (0.95 for 95%), got 95" in capsys.readouterr().err
 
 
 def test_two_processes_give_the_same_figures_as_one(tmp_path, tiny_prior_dir, torchrun):
