@@ -178,7 +178,9 @@ class DMAuditor:
         imprint: bin structure, "sparse" or "cumulative".
         measurement: the imprint's measurement ("brightness", "random", "dct" or a tensor).
         gain: the imprint's gradient gain (default: 1e6 in shadow mode, 1e3 inline).
-        scale: how recovered images are scaled, one of ``recovery.SCALES``.
+        scale: how recovered images are scaled, one of ``recovery.SCALES``: ``"oracle"`` (the clean clipped sum,
+            the worst case), or an attacker's estimate: ``"clip-norm"`` (from the public clipping norm; shadow mode
+            only), ``"bin-measurement"`` or ``"noisy-bias"``.
         estimate_noise: reconstruct with noise levels estimated from the images (the unknown-variance attacker).
         sampler / steps: the prior's reverse process ("ddim" with ``steps`` steps, or "ddpm"). DDIM-25 scores as
             DDIM-50 does (PSNR / SSIM, ``benchmarks/speed_quality.py``) at half the cost.
@@ -267,6 +269,11 @@ class DMAuditor:
             raise ValueError(f"imprint must be 'sparse' or 'cumulative', got {imprint!r}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+        if scale == "clip-norm" and mode == "inline":
+            raise ValueError("scale='clip-norm' assumes that the imprint rows take each sample's whole clipping "
+                             "budget, which holds for the shadow imprint alone: inline, your model's gradients take "
+                             "part of it and the scale would come out too large; use mode='shadow' with it, or "
+                             "scale='oracle' or 'bin-measurement' inline")
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         if on_error not in ("continue", "stop"):

@@ -38,6 +38,8 @@ class CapturedGradients:
         coordinate_noise_std: std of the noise added to every coordinate of the sums, ``sigma * C``
             (:func:`released_noise_multiplier` times the step's clipping norm).
         step: the optimizer step counter (1-based) at capture.
+        max_grad_norm: the step's clipping norm ``C``, public in DP-SGD (the ``"clip-norm"`` scale needs it);
+            ``None`` where unknown.
     """
 
     weight: torch.Tensor
@@ -46,6 +48,7 @@ class CapturedGradients:
     clean_bias: torch.Tensor | None
     coordinate_noise_std: float
     step: int
+    max_grad_norm: float | None = None
 
 
 _NOTHING_OF_ITS_OWN = object()  # the instance had no attribute of that name: the class's shows through
@@ -251,6 +254,7 @@ class GradientCapture:
             # Read inside the step: adaptive clipping moves max_grad_norm only after this hook.
             coordinate_noise_std=released_noise_multiplier(optimizer) * float(optimizer.max_grad_norm),
             step=self.steps,
+            max_grad_norm=float(optimizer.max_grad_norm),
         )
         self.latest = captured
         if self.on_capture is not None:

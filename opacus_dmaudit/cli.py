@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--links", type=_positive_int, default=1, help="average a sample over this many steps")
     sweep.add_argument("--scale", choices=RECOVERY_SCALES, default="oracle",
                        help="how the attacker fixes each image's scale: oracle (the clean clipped sum, the paper's "
-                            "worst case; default), bin-measurement or noisy-bias (the attacker's own estimates)")
+                            "worst case; default), or the attacker's own estimates: clip-norm (from the public "
+                            "clipping norm; the strongest), bin-measurement or noisy-bias")
     sweep.add_argument("--estimate-noise", action="store_true",
                        help="reconstruct from noise stds estimated from the images (unknown variance) instead of the "
                             "known ones")
@@ -314,7 +315,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 # recovery.SCALES, spelled out so that --help needs no torch (tested equal)
-RECOVERY_SCALES = ("oracle", "bin-measurement", "noisy-bias")
+RECOVERY_SCALES = ("oracle", "bin-measurement", "noisy-bias", "clip-norm")
 _SAMPLER_HELP = "ddim (default, --steps steps from t*) or ddpm (every step from t*, as in the paper)"
 _EAGER_HELP = "no speed options (fp32, eager, no CUDA graphs); default on CUDA: bf16, compiled, CUDA graphs"
 _PICKLE_HELP = ("read Python pickles from trusted sources (they can run code when read): .bin prior checkpoints, "

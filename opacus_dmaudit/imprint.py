@@ -122,6 +122,24 @@ def _off_measured_values(edges: torch.Tensor, values: torch.Tensor) -> torch.Ten
     return moved
 
 
+def _per_image(images: torch.Tensor, reduce) -> torch.Tensor:
+    """``reduce`` of each image's float64 pixels (``rows: n×d -> n``), a quarter million pixels at a time so that a
+    large batch is never copied whole in float64."""
+    flat = images.flatten(1)
+    rows = max(1, MEASURE_CHUNK_PIXELS // max(1, flat.shape[1]))
+    return torch.cat([reduce(flat[i:i + rows].double()) for i in range(0, flat.shape[0], rows)]
+                     or [flat.new_zeros(0, dtype=torch.float64)])
+
+
+def _median_by_bin(values: torch.Tensor, bins_of_values: torch.Tensor, bins: int) -> torch.Tensor:
+    """The median of ``values`` in each bin, on the CPU; a bin without values takes the median of all."""
+    values, bins_of_values = values.cpu(), bins_of_values.cpu()
+    medians = torch.full((bins,), float(values.median()), dtype=torch.float64)
+    for i in torch.unique(bins_of_values).tolist():
+        medians[i] = values[bins_of_values == i].median()
+    return medians
+
+
 def measurement_vector(kind: str | torch.Tensor, *, image_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The shared measurement vector ``w`` (length ``C*H*W``), scaled to unit norm.
 
@@ -165,6 +183,11 @@ class ImprintBlock(nn.Module):
     Attributes:
         imprint: the ``nn.Linear(C*H*W, K)`` whose gradients leak the images.
         edges: ``K + 1`` bin edges in measurement units (bin ``i`` is ``[edges[i], edges[i+1])``).
+        bin_norms_sq: after :meth:`calibrate`, the median squared norm ``||x||^2`` of the calibration images in each
+            bin (float64, ``K``; the median over all of them for a bin that holds none), else ``None``: what an
+            attacker who knows the data distribution expects of a sample found in that bin (the ``"clip-norm"``
+            scale of recovery). A plain attribute, not a buffer, so that the state dicts of models holding the
+            block keep their keys.
     """
 
     def __init__(
@@ -199,6 +222,7 @@ class ImprintBlock(nn.Module):
         top = float(self.measurement.clamp(min=0).sum())
         bottom = float(self.measurement.clamp(max=0).sum())
         self.register_buffer("edges", torch.linspace(bottom, top, bins + 1, dtype=torch.float32))
+        self.bin_norms_sq: torch.Tensor | None = None
         self._set_parameters()
 
     @property
@@ -224,6 +248,7 @@ class ImprintBlock(nn.Module):
         if edges.numel() != self.bins + 1 or not bool((edges[1:] > edges[:-1]).all()):
             raise ValueError(f"edges must be {self.bins + 1} strictly increasing values, got {edges.numel()}")
         self.edges.copy_(edges.to(self.edges))
+        self.bin_norms_sq = None  # the calibration's statistics were for the old bins
         self._set_parameters()
         return self
 
@@ -251,16 +276,16 @@ class ImprintBlock(nn.Module):
             edges[i] = torch.maximum(edges[i], edges[i - 1] + minimum_gap)
         edges[0] -= margin * (edges[1] - edges[0]) + minimum_gap
         edges[-1] += margin * (edges[-1] - edges[-2]) + minimum_gap
-        return self.set_edges(edges)
+        self.set_edges(edges)
+        self.bin_norms_sq = _median_by_bin(_per_image(images, lambda rows: rows.pow(2).sum(dim=1)),
+                                           self.bins_of(values).clamp(0, self.bins - 1), self.bins)
+        return self
 
     def measure(self, images: torch.Tensor) -> torch.Tensor:
         """The measurement ``w . x`` of each image, in float64 (bin edges are placed between measurements that
-        float32 would blur), a quarter million pixels at a time so that a large batch is never copied whole."""
-        flat = images.flatten(1)
-        vector = self.measurement.to(device=flat.device, dtype=torch.float64)
-        rows = max(1, MEASURE_CHUNK_PIXELS // max(1, flat.shape[1]))
-        return torch.cat([flat[i:i + rows].double() @ vector for i in range(0, flat.shape[0], rows)]
-                         or [flat.new_zeros(0, dtype=torch.float64)])
+        float32 would blur)."""
+        vector = self.measurement.to(device=images.device, dtype=torch.float64)
+        return _per_image(images, lambda rows: rows @ vector)
 
     def assign_bins(self, images: torch.Tensor) -> torch.Tensor:
         """Bin index of each image (-1 below the first edge, K at or above the last)."""
@@ -305,6 +330,7 @@ class ImprintBlock(nn.Module):
         copy = ImprintBlock(image_shape=self.image_shape, bins=self.bins, structure=self.structure,
                             measurement=self.measurement.detach().cpu(), gain=self.gain)
         copy.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        copy.bin_norms_sq = None if self.bin_norms_sq is None else self.bin_norms_sq.clone()
         return copy
 
     def parameter_snapshot(self) -> dict[str, torch.Tensor]:

@@ -471,9 +471,13 @@ def test_a_prv_epsilon_that_would_not_fit_in_memory_comes_from_rdp(tmp_path, fas
     assert not prv_grids_built
 
 
-def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_dir):
-    _, auditor, _ = train(fashion_images, sigma=0.5, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
+@pytest.mark.parametrize("scale", ["oracle", "clip-norm"])
+def test_shadow_noise_sits_at_the_dp_floor(tmp_path, fashion_images, tiny_prior_dir, scale):
+    # The clip-norm attacker finds that floor too, from the public clipping norm and its bins' typical norms.
+    _, auditor, _ = train(fashion_images, sigma=0.5,
+                          auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir, scale=scale))
     floor = 0.5 * float((fashion_images.flatten(1).norm(dim=1) ** 2 + 1).sqrt().median())
+    assert auditor.errors == 0 and auditor.records[-1].scale == scale
     assert auditor.records[-1].noise_std_median == pytest.approx(floor, rel=0.25)
 
 
@@ -1301,7 +1305,8 @@ def test_arguments_that_cannot_work_are_refused_at_creation(tmp_path, fashion_im
     for bad, message in ((dict(max_reconstructions=0), "max_reconstructions must be a positive"),
                          (dict(calibration_images=fashion_images.flatten(1)), r"N×C×H×W .*\(256, 784\)"),
                          (dict(calibration_images=fashion_images[:1]), "at least two images"),
-                         (dict(calibration_images=fashion_images.numpy()), "must be a tensor")):
+                         (dict(calibration_images=fashion_images.numpy()), "must be a tensor"),
+                         (dict(mode="inline", scale="clip-norm"), "whole clipping budget.*mode='shadow'")):
         with pytest.raises((ValueError, TypeError), match=message):
             DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", **bad)
     with pytest.raises(TypeError, match="must be the opacus PrivacyEngine .*got Sequential"):

@@ -1,5 +1,6 @@
 """The shadow imprint's DP-SGD step: real Opacus with ghost clipping, against Opacus's per-sample-gradient step."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -123,3 +124,43 @@ print(notes(caught))
     assert after_a_shadow_step == torch_notes  # the user's note, and no shadow.py
     if torch.__version__ >= (2, 14):  # TorchVersion compares as a version; torch 2.14 notes the user's model
         assert torch_notes == "['<string>']"
+
+
+@pytest.mark.parametrize("structure", ["sparse", "cumulative"])
+def test_the_clip_norm_scale_stays_near_the_oracles_under_heavy_noise(fashion_images, structure):
+    # Calibrated on other images than those attacked, as an attacker's knowledge of the data would be.
+    shadow = ShadowImprint(calibration=fashion_images[128:], bins=64, structure=structure, noise_multiplier=3.0,
+                           max_grad_norm=2.0, expected_batch_size=64, seed=5)
+    batch = fashion_images[:64]
+    captured = shadow.step(batch)
+    oracle = recover_images(captured, shadow.block, scale="oracle", originals=batch)
+    estimate = recover_images(captured, shadow.block, scale="clip-norm", originals=batch)
+    assert len(oracle) >= 15 and torch.equal(estimate.bins, oracle.bins)
+    assert torch.equal(estimate.sample_index, oracle.sample_index)
+    # Its scale, C / sqrt(a (||x||^2 + 1)) with the bin's median norm, is the oracle's up to how far this image's norm
+    # is from that median, whatever the noise: the bin measurement's is mostly noise at sigma 3.
+    error = (estimate.noise_std / oracle.noise_std).log().abs()
+    assert float(error.median()) < 0.15 and float(error.max()) < 0.7
+    measured = recover_images(captured, shadow.block, scale="bin-measurement", originals=batch)
+    assert float((measured.noise_std / oracle.noise_std).log().abs().median()) > 0.5
+    # The images are the oracle's, rescaled by the ratio of the scales.
+    ratio = (estimate.noise_std / oracle.noise_std).float().view(-1, 1, 1, 1)
+    assert torch.allclose(estimate.images, oracle.images * ratio, rtol=1e-4, atol=1e-4)
+
+
+def test_the_clip_norm_scale_needs_the_clipping_norm_and_calibrated_bins(fashion_images):
+    shadow = ShadowImprint(calibration=fashion_images, bins=16, noise_multiplier=1.0, max_grad_norm=1.0,
+                           expected_batch_size=8)
+    captured = shadow.step(fashion_images[:8])
+    assert captured.max_grad_norm == 1.0
+    block = shadow.block
+    # The bins' norms are the medians of the calibration images' squared norms, bin by bin.
+    bins = block.assign_bins(fashion_images).clamp(0, 15)
+    squared = fashion_images.flatten(1).double().pow(2).sum(dim=1)
+    assert torch.allclose(block.bin_norms_sq, torch.stack([squared[bins == i].median() for i in range(16)]))
+    assert torch.equal(block.cpu_copy().bin_norms_sq, block.bin_norms_sq)
+    with pytest.raises(ValueError, match="clipping norm"):
+        recover_images(dataclasses.replace(captured, max_grad_norm=None), block, scale="clip-norm")
+    block.set_edges(block.edges.clone())  # hand-set edges: no calibration images behind them
+    with pytest.raises(ValueError, match=r"calibrate the imprint block on data \(ImprintBlock.calibrate\)"):
+        recover_images(captured, block, scale="clip-norm")
