@@ -32,3 +32,4 @@ benchmark: install
 	$(PYTHON) benchmarks/shadow_step.py --batch 64 --size 28 --channels 1 --repeats 20 --json $(RESULTS)/shadow-step-28.json
 	$(PYTHON) benchmarks/shadow_step.py --batch 64 --size 256 --json $(RESULTS)/shadow-step-256.json
 	$(PYTHON) benchmarks/imprint_rounding.py --json $(RESULTS)/imprint-rounding.json
+	$(PYTHON) benchmarks/scale_estimates.py --json $(RESULTS)/scale-estimates.json

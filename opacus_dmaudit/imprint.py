@@ -38,6 +38,10 @@ MEASURE_CHUNK_PIXELS = 1 << 18  # float64 copies of at most this many pixels at 
 # How far the rows' float32 rounding can move a measurement, in float32 ulps of the largest one: at most 6.3 measured
 # (every row of 2,000 Fashion-MNIST images, and of 512 3×64×64 ones, against float64).
 ROW_ROUNDING_ULPS = 8
+# The reference images nearest a bin's centre whose median norm the clip-norm attacker expects of the bin's sample:
+# about a bin's worth at DMAuditor's defaults (1,024 calibration images, 64 bins), and a smooth estimate where the
+# bins outnumber the images.
+NORM_NEIGHBOURS = 16
 
 
 def image_argument(args: tuple, kwargs: dict) -> int | str | None:
@@ -131,15 +135,6 @@ def _per_image(images: torch.Tensor, reduce) -> torch.Tensor:
                      or [flat.new_zeros(0, dtype=torch.float64)])
 
 
-def _median_by_bin(values: torch.Tensor, bins_of_values: torch.Tensor, bins: int) -> torch.Tensor:
-    """The median of ``values`` in each bin, on the CPU; a bin without values takes the median of all."""
-    values, bins_of_values = values.cpu(), bins_of_values.cpu()
-    medians = torch.full((bins,), float(values.median()), dtype=torch.float64)
-    for i in torch.unique(bins_of_values).tolist():
-        medians[i] = values[bins_of_values == i].median()
-    return medians
-
-
 def measurement_vector(kind: str | torch.Tensor, *, image_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The shared measurement vector ``w`` (length ``C*H*W``), scaled to unit norm.
 
@@ -183,11 +178,10 @@ class ImprintBlock(nn.Module):
     Attributes:
         imprint: the ``nn.Linear(C*H*W, K)`` whose gradients leak the images.
         edges: ``K + 1`` bin edges in measurement units (bin ``i`` is ``[edges[i], edges[i+1])``).
-        bin_norms_sq: after :meth:`calibrate`, the median squared norm ``||x||^2`` of the calibration images in each
-            bin (float64, ``K``; the median over all of them for a bin that holds none), else ``None``: what an
-            attacker who knows the data distribution expects of a sample found in that bin (the ``"clip-norm"``
-            scale of recovery). A plain attribute, not a buffer, so that the state dicts of models holding the
-            block keep their keys.
+        bin_norms_sq: after :meth:`calibrate` or :meth:`reference_norms`, what an attacker who knows the data
+            distribution expects of the squared norm ``||x||^2`` of a sample found in each bin (float64, ``K``), for
+            recovery's ``"clip-norm"`` scale; else ``None``. A plain attribute, not a buffer, so that the state
+            dicts of models holding the block keep their keys.
     """
 
     def __init__(
@@ -277,8 +271,31 @@ class ImprintBlock(nn.Module):
         edges[0] -= margin * (edges[1] - edges[0]) + minimum_gap
         edges[-1] += margin * (edges[-1] - edges[-2]) + minimum_gap
         self.set_edges(edges)
-        self.bin_norms_sq = _median_by_bin(_per_image(images, lambda rows: rows.pow(2).sum(dim=1)),
-                                           self.bins_of(values).clamp(0, self.bins - 1), self.bins)
+        return self.reference_norms(images, measured=values)
+
+    @torch.no_grad()
+    def reference_norms(self, images: torch.Tensor, *, measured: torch.Tensor | None = None) -> "ImprintBlock":
+        """Set :attr:`bin_norms_sq` from reference images: for each bin, the median ``||x||^2`` of the
+        ``NORM_NEIGHBOURS`` images whose measurement lies nearest the bin's centre (all of them when fewer).
+
+        :meth:`calibrate` uses its calibration images. Pass images other than those attacked, for an attacker whose
+        knowledge of the data does not include its targets.
+
+        Args:
+            images: ``N×C×H×W`` model inputs, ``N >= 1``.
+            measured: their measurements, when already at hand.
+        """
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape or images.shape[0] < 1:
+            raise ValueError(f"reference images must be N×{'×'.join(map(str, self.image_shape))} with N >= 1, "
+                             f"got {tuple(images.shape)}")
+        measured = (self.measure(images) if measured is None else measured).cpu()
+        norms_sq = _per_image(images, lambda rows: rows.pow(2).sum(dim=1)).cpu()
+        centres = ((self.edges[:-1] + self.edges[1:]) / 2).double().cpu()
+        neighbours = min(NORM_NEIGHBOURS, measured.numel())
+        chunk = max(1, MEASURE_CHUNK_PIXELS // measured.numel())  # bins × images distances at a time
+        nearest = torch.cat([(centres[i:i + chunk, None] - measured[None, :]).abs().topk(
+            neighbours, dim=1, largest=False).indices for i in range(0, centres.numel(), chunk)])
+        self.bin_norms_sq = norms_sq[nearest].median(dim=1).values
         return self
 
     def measure(self, images: torch.Tensor) -> torch.Tensor:

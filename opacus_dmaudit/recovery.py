@@ -17,8 +17,9 @@ The scale can be fixed four ways (``scale=``), and every result says which one p
   rows take a sample's whole clipping budget (the shadow imprint: its gain puts every sample's gradient norm far
   above ``C``), the sample's clipped gradient ``lambda (x, 1)`` on each of the ``a`` rows it activates (1 for sparse
   bins, ``i + 1`` for cumulative bin ``i``) has norm ``C``: ``lambda = C / sqrt(a (||x||^2 + 1))``. The attacker
-  takes ``||x||^2`` as the median over the calibration images in the bin (``ImprintBlock.bin_norms_sq``: what it
-  knows of the data distribution). No noise enters the scale, so it holds at any noise multiplier: through real
+  takes ``||x||^2`` as the median over the reference images nearest the bin (``ImprintBlock.bin_norms_sq``: what
+  it knows of the data distribution; the calibration images unless ``ImprintBlock.reference_norms`` was given
+  others, as the sweep gives the images outside the attacked batch). No noise enters the scale, so it holds at any noise multiplier: through real
   Opacus steps of the shadow imprint on 512 Fashion-MNIST test images (128 sparse bins calibrated on 1,024 training
   images; ``benchmarks/scale_estimates.py``) it was within 6% of the oracle's for half the recovered images and 20%
   for 90%, at every sigma from 0.01 to 3, where the bin measurement's was off by a factor of 1.95 (median) at sigma
@@ -153,8 +154,9 @@ def clip_norm_scale(block: ImprintBlock, max_grad_norm: float) -> torch.Tensor:
         ValueError: for a block that was never calibrated on data (its ``bin_norms_sq`` is ``None``).
     """
     if block.bin_norms_sq is None:
-        raise ValueError("the clip-norm scale needs the calibration images' norms per bin; calibrate the imprint "
-                         "block on data (ImprintBlock.calibrate) after setting its edges")
+        raise ValueError("the clip-norm scale needs the typical image norm of each bin; calibrate the imprint "
+                         "block on data (ImprintBlock.calibrate), or give it reference images "
+                         "(ImprintBlock.reference_norms), after setting its edges")
     active = torch.ones(block.bins, dtype=torch.float64)
     if block.structure == "cumulative":
         active = torch.arange(1, block.bins + 1, dtype=torch.float64)  # bin i activates rows 0..i

@@ -50,7 +50,8 @@ class SweepConfig:
         target_epsilons: epsilons for the schedule; each becomes the sigma that reaches it by Opacus's PRV accountant
             (by its RDP accountant where the PRV grid would not fit in memory, see ``bounds.PRV_MAX_GRID_POINTS``).
         scale: how the attacker fixes each recovered image's scale (``recovery.SCALES``): ``"oracle"``, the clean
-            clipped sum (the seed paper's worst case), or an attacker's own estimate.
+            clipped sum (the seed paper's worst case), or an attacker's own estimate (``"clip-norm"``, the strongest,
+            learns each bin's typical image norm from the images outside the attacked batch).
         estimate_noise: reconstruct from noise levels the attacker estimates from each image (scikit-image
             ``estimate_sigma``) rather than those recovery gives (``sigma C / |scale|``: the true noise with the
             oracle scale); the entries' ``noise_std`` stays recovery's, ``noise_std_estimated`` holds the estimates.
@@ -174,6 +175,15 @@ def _attack(images: torch.Tensor, sigma: float, index: int, config: SweepConfig)
     attacked = min(config.batch_size, config.bins)
     for begin in range(0, images.shape[0], attacked):
         batch = images[begin : begin + attacked]
+        if config.scale == "clip-norm":
+            # The attacker's knowledge of the data must not include its targets, from which the bins were calibrated:
+            # its typical norms come from the images outside the attacked batch.
+            others = torch.cat([images[:begin], images[begin + attacked:]])
+            if others.shape[0] == 0:
+                raise ValueError("scale 'clip-norm' takes each bin's typical image norm from the images outside the "
+                                 "attacked batch, and there are none: give more images (--limit) than "
+                                 f"min(--batch-size, --bins) = {attacked}")
+            shadow.block.reference_norms(others)
         total, variance, seen = None, None, None
         for _ in range(config.links):
             recovered = recover_images(shadow.step(batch), shadow.block, scale=config.scale, originals=batch)

@@ -154,11 +154,19 @@ def test_the_clip_norm_scale_needs_the_clipping_norm_and_calibrated_bins(fashion
     captured = shadow.step(fashion_images[:8])
     assert captured.max_grad_norm == 1.0
     block = shadow.block
-    # The bins' norms are the medians of the calibration images' squared norms, bin by bin.
-    bins = block.assign_bins(fashion_images).clamp(0, 15)
+    # Each bin's norm is the median squared norm of the 16 calibration images measured nearest its centre; 256
+    # images in 16 bins put 16 in each, so those are the bin's own.
+    bins = block.assign_bins(fashion_images)
     squared = fashion_images.flatten(1).double().pow(2).sum(dim=1)
-    assert torch.allclose(block.bin_norms_sq, torch.stack([squared[bins == i].median() for i in range(16)]))
+    inner = torch.stack([squared[bins == i].median() for i in range(1, 15)])
+    assert torch.allclose(block.bin_norms_sq[1:15], inner)
     assert torch.equal(block.cpu_copy().bin_norms_sq, block.bin_norms_sq)
+    # Reference images of the attacker's own: the nearest few stand in for a bin none of them falls in.
+    block.reference_norms(fashion_images[:3])
+    assert torch.equal(block.bin_norms_sq, squared[:3].median().expand(16))
+    with pytest.raises(ValueError, match="reference images must be N×1×28×28"):
+        block.reference_norms(fashion_images[:0])
+    block.calibrate(fashion_images)
     with pytest.raises(ValueError, match="clipping norm"):
         recover_images(dataclasses.replace(captured, max_grad_norm=None), block, scale="clip-norm")
     block.set_edges(block.edges.clone())  # hand-set edges: no calibration images behind them

@@ -141,8 +141,39 @@ def test_the_attacker_can_estimate_its_scale_and_noise_level(fashion_images, tin
     assert entry.t_start_median != scaled.entries[0].t_start_median
     assert attacker.recommendation["attacker"] == {"scale": "bin-measurement", "estimate_noise": True}
     assert "the attacker estimates its scale and noise level" in attacker.recommendation["message"]
-    with pytest.raises(ValueError, match="scale must be one of oracle, bin-measurement, noisy-bias"):
+    with pytest.raises(ValueError, match="scale must be one of oracle, bin-measurement, noisy-bias, clip-norm"):
         run_sweep(fashion_images[:8], prior, config=SweepConfig(scale="clean"))
+
+
+def test_the_clip_norm_attacker_learns_norms_from_other_images_than_its_targets(fashion_images, tiny_prior_dir,
+                                                                                monkeypatch):
+    from opacus_dmaudit.imprint import ImprintBlock
+
+    prior = DiffusionPrior.from_pretrained(tiny_prior_dir, device="cpu")
+    base = dict(noise_multipliers=(3.0,), batch_size=32, bins=32, steps=1, kappa_samples=1)
+    worst = run_sweep(fashion_images[:96], prior, config=SweepConfig(**base)).entries[0]
+    references, reference_norms = [], ImprintBlock.reference_norms
+
+    def recorded(block, images, **kwargs):  # the real method, its reference images recorded
+        references.append(images.clone())
+        return reference_norms(block, images, **kwargs)
+
+    monkeypatch.setattr(ImprintBlock, "reference_norms", recorded)
+    clipped = run_sweep(fashion_images[:96], prior, config=SweepConfig(**base, scale="clip-norm"))
+    entry = clipped.entries[0]
+    # Calibration's own call, then one per attacked batch: the images of the other two batches.
+    batches = fashion_images[:96].split(32)
+    assert len(references) == 4 and torch.equal(references[0], fashion_images[:96])
+    for attacked, reference in enumerate(references[1:]):
+        assert torch.equal(reference, torch.cat([b for i, b in enumerate(batches) if i != attacked]))
+    # The bins were calibrated on these 96 images, three to a bin: norms learned from them would be mostly the
+    # targets' own. From the other batches' images the attacker's scale is near the oracle's, not equal to it.
+    assert entry.n_images == worst.n_images
+    assert entry.noise_std["median"] != worst.noise_std["median"]
+    assert entry.noise_std["median"] == pytest.approx(worst.noise_std["median"], rel=0.15)
+    assert clipped.recommendation["attacker"] == {"scale": "clip-norm", "estimate_noise": False}
+    with pytest.raises(ValueError, match=r"images outside the attacked batch, and there are none: give more images"):
+        run_sweep(fashion_images[:32], prior, config=SweepConfig(**base, scale="clip-norm"))
 
 
 def test_the_command_line_takes_the_attackers_estimates(tmp_path, tiny_prior_dir):
