@@ -19,12 +19,12 @@ The scale can be fixed four ways (``scale=``), and every result says which one p
   bins, ``i + 1`` for cumulative bin ``i``) has norm ``C``: ``lambda = C / sqrt(a (||x||^2 + 1))``. The attacker
   takes ``||x||^2`` as the median over the reference images nearest the bin (``ImprintBlock.bin_norms_sq``: what
   it knows of the data distribution; the calibration images unless ``ImprintBlock.reference_norms`` was given
-  others, as the sweep gives the images outside the attacked batch). No noise enters the scale, so it holds at any noise multiplier: through real
-  Opacus steps of the shadow imprint on 512 Fashion-MNIST test images (128 sparse bins calibrated on 1,024 training
-  images; ``benchmarks/scale_estimates.py``) it was within 6% of the oracle's for half the recovered images and 20%
-  for 90%, at every sigma from 0.01 to 3, where the bin measurement's was off by a factor of 1.95 (median) at sigma
-  1 and 3.4 at sigma 3, with the wrong sign for 77 and 129 of the 296 images. Inline, the user's model takes part of
-  the budget, so this scale would be too large: the auditor refuses it there.
+  others, as the sweep gives the images outside the attacked batch). No noise enters the scale, so it holds at any
+  noise multiplier: through real Opacus steps of the shadow imprint on 512 Fashion-MNIST test images (128 sparse
+  bins calibrated on 1,024 training images; ``benchmarks/scale_estimates.py``) it was within 6% of the oracle's for
+  half the recovered images and 20% for 90%, at every sigma from 0.01 to 3, where the bin measurement's was off by a
+  factor of 1.95 (median) at sigma 1 and 3.4 at sigma 3, with the wrong sign for 77 and 129 of the 296 images.
+  Inline, the user's model takes part of the budget, so this scale would be too large: the auditor refuses it there.
 """
 
 from __future__ import annotations
