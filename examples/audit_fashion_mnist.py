@@ -91,6 +91,9 @@ def main() -> None:
     print(f"{len(auditor.records)} audits ({auditor.dropped} dropped, {auditor.errors} failed):")
     for record in auditor.records:
         print("  " + record.summary())
+    print("all audits together (one audit's rate is rough; pooled, the interval narrows):")
+    for level in auditor.run_summary():
+        print("  " + level.summary())
     print(f"\nlogs (private: they contain training images): {auditor.log_dir.resolve()}")
     print(f"open them with:  tensorboard --logdir {auditor.log_dir}")
 

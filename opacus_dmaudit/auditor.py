@@ -60,6 +60,7 @@ from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import SCALES
 from opacus_dmaudit.report import AuditLogWriter
 from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
+from opacus_dmaudit.run_summary import RunSummary, run_summary_markdown, summarize_run
 from opacus_dmaudit.shadow import SHADOW_GAIN
 
 __all__ = ["DMAuditor", "AuditRecord"]
@@ -386,6 +387,12 @@ class DMAuditor:
     def blocking_seconds(self) -> float:
         """All training-thread time spent in the auditor: batch copies, gradient capture, queueing."""
         return self._hook_seconds + self.capture_seconds
+
+    def run_summary(self, *, confidence: float = 0.95) -> list[RunSummary]:
+        """The finished audits taken together, one :class:`~opacus_dmaudit.run_summary.RunSummary` per noise
+        multiplier: all their reconstructions pooled, so each success rate's interval narrows as audits add up (one
+        audit's rate is rough). ``close()`` logs it; call it any time for the audits finished so far."""
+        return summarize_run(list(self.records), confidence=confidence)
 
     # ------------------------------------------------------------------ set-up
     def settings(self) -> dict[str, Any]:
@@ -986,7 +993,14 @@ class DMAuditor:
             return
         if self.records:
             last = self.records[-1]
-            final = {f"hparam/reconstructed_{k}": v for k, v in last.reconstructed.items()}
+            summaries = self.run_summary()
+            self.writer.text("audit/run_summary", run_summary_markdown(summaries), step=last.step)
+            # The figures to compare runs by in TensorBoard's HParams tab: pooled over every audit at the run's last
+            # noise multiplier, not one audit's rough rate.
+            level = next(s for s in summaries if s.noise_multiplier == last.noise_multiplier)
+            final = {f"hparam/reconstructed_{k}": v for k, v in level.reconstructed.items()}
+            final.update({f"hparam/success_{k}": v for k, v in level.success.items()})
+            final.update({f"hparam/success_{k}_high": ci["high"] for k, ci in level.success_ci.items()})
             final["hparam/epsilon"] = last.epsilon
             self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
         self.writer.close()

@@ -1,4 +1,4 @@
-"""Command line: ``opacus-dmaudit reconstruct | train-prior | sweep``.
+"""Command line: ``opacus-dmaudit reconstruct | train-prior | sweep | summarize``.
 
 Every expected failure (missing file, bad prior, bad number) ends with one line ``opacus-dmaudit: error: ...``
 and exit status 2; ``--debug`` shows the traceback instead.
@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", required=True, type=Path,
                        help="folder for sweep.json, sweep.csv, plots, grids and TensorBoard logs (private)")
     sweep.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+
+    summarize = commands.add_parser("summarize", help="pool the audits of DMAuditor runs per noise multiplier")
+    summarize.add_argument("log_dirs", nargs="+", type=Path, metavar="LOG_DIR",
+                           help="DMAuditor log folders (each holds audits.jsonl), e.g. runs/audit-*")
+    summarize.add_argument("--confidence", type=_probability, default=0.95,
+                           help="level of each pooled success rate's Clopper-Pearson interval (default 0.95)")
+    summarize.add_argument("--json", type=Path, default=None, help="write the summaries as JSON here")
+    summarize.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     return parser
 
 
@@ -189,12 +197,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
              f"{'recon PSNR':>10} {'SSIM':>6} {'LPIPS':>6} | {'seconds':>7}"
     print(header)
     print("-" * len(header))
-    fmt = lambda v, spec: "n/a".rjust(len(format(0.0, spec))) if v is None else format(v, spec)  # noqa: E731
     for level in result.levels:
         n, r = level.noisy, level.reconstructed
-        print(f"{level.noise_std:>9.4g} {level.t_start:>4d} | {fmt(n['psnr'], '10.2f')} {fmt(n['ssim'], '6.3f')} "
-              f"{fmt(n.get('lpips'), '6.3f')} | {fmt(r['psnr'], '10.2f')} {fmt(r['ssim'], '6.3f')} "
-              f"{fmt(r.get('lpips'), '6.3f')} | {level.seconds:>7.1f}")
+        print(f"{level.noise_std:>9.4g} {level.t_start:>4d} | {_figure(n['psnr'], '10.2f')} "
+              f"{_figure(n['ssim'], '6.3f')} {_figure(n.get('lpips'), '6.3f')} | {_figure(r['psnr'], '10.2f')} {_figure(r['ssim'], '6.3f')} "
+              f"{_figure(r.get('lpips'), '6.3f')} | {level.seconds:>7.1f}")
         if level.from_prior:
             print(f"          {level.from_prior} images had noise above the prior's range: prior samples")
     if result.adaptation_loss:
@@ -314,6 +321,45 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summarize(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from opacus_dmaudit.report import write_json
+    from opacus_dmaudit.run_summary import read_audit_records, summarize_run
+
+    _refuse_overwrite(args.json, args.overwrite)
+    runs = {}
+    for log_dir in args.log_dirs:
+        try:
+            runs[str(log_dir)] = summarize_run(read_audit_records(log_dir), confidence=args.confidence)
+        except FileNotFoundError as exc:
+            raise CliError(str(exc)) from None
+    header = (f"{'sigma':>7} {'audits':>6} {'steps':>11} {'epsilon':>9} {'images':>6} | {'recon PSNR':>10} "
+              f"{'recon SSIM':>10} | {'success ssim@0.5':>16} {f'{args.confidence:.0%} interval':>13} "
+              f"{'ReRo bound':>10}")
+    key = "ssim@0.5"
+    for log_dir, summaries in runs.items():
+        print(f"{log_dir}: {sum(s.audits for s in summaries)} audit(s)")
+        if not summaries:
+            continue
+        print(header)
+        print("-" * len(header))
+        for s in summaries:
+            ci = s.success_ci.get(key, {"low": math.nan, "high": math.nan})
+            interval = f"{ci['low']:.3f}-{ci['high']:.3f}"
+            print(f"{s.noise_multiplier:>7.3g} {s.audits:>6d} {f'{s.first_step}-{s.last_step}':>11} "
+                  f"{_figure(s.epsilon, '9.3g')} {s.recovered:>6d} | {_figure(s.reconstructed.get('psnr'), '10.2f')} "
+                  f"{_figure(s.reconstructed.get('ssim'), '10.3f')} | {s.success.get(key, math.nan):>16.3f} "
+                  f"{interval:>13} {_figure(s.rero_bound.get(key), '10.3f')}"
+                  + ("  interval above the bound" if key in s.above_bound else ""))
+    print("success = share of all reconstructions at that sigma with SSIM >= 0.5, pooled over the run's audits (an image "
+          "attacked in several audits counts once per audit); --json has every metric and threshold")
+    if args.json:
+        write_json(args.json, {log_dir: [asdict(s) for s in summaries] for log_dir, summaries in runs.items()})
+        print(f"wrote {args.json}")
+    return 0
+
+
 # recovery.SCALES, spelled out so that --help needs no torch (tested equal)
 RECOVERY_SCALES = ("oracle", "bin-measurement", "noisy-bias", "clip-norm")
 _SAMPLER_HELP = "ddim (default, --steps steps from t*) or ddpm (every step from t*, as in the paper)"
@@ -322,6 +368,11 @@ _PICKLE_HELP = ("read Python pickles from trusted sources (they can run code whe
                 "CIFAR's data batches")
 _IMAGES_HELP = ("IDX (.gz), .npy/.npz, image folder, torchvision's CIFAR-10/100 folder (test split; PATH:train), "
                 "or fashion-mnist[:train]")
+
+
+def _figure(value: float | None, spec: str) -> str:
+    """A table cell: ``value`` formatted by ``spec``, or n/a at the same width."""
+    return "n/a".rjust(len(format(0.0, spec))) if value is None else format(value, spec)
 
 
 def _fast_path(args):
@@ -334,7 +385,8 @@ def _fast_path(args):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"reconstruct": _reconstruct, "train-prior": _train_prior, "sweep": _sweep}
+    handlers = {"reconstruct": _reconstruct, "train-prior": _train_prior, "sweep": _sweep,
+                "summarize": _summarize}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

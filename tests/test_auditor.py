@@ -31,6 +31,7 @@ from opacus_dmaudit.capture import PerLayerClippingError
 from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
+from opacus_dmaudit.run_summary import run_summary_markdown
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -183,6 +184,28 @@ def test_event_files_hold_grids_scalars_and_the_accountants_epsilon(tmp_path, fa
     # Audit logs hold training images: owner-only folder and files.
     assert (tmp_path / "audit").stat().st_mode & 0o077 == 0
     assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "audit").rglob("*"))
+
+
+def test_close_logs_the_audits_pooled_and_makes_them_the_runs_hparams(tmp_path, fashion_images, tiny_prior_dir):
+    # At sigma = 0.02 even the tiny random prior's reconstructions succeed at rates that differ between audits, so
+    # a pooled figure cannot pass for the last audit's.
+    _, auditor, _ = train(fashion_images, sigma=0.02, auditor_kwargs=audit_kwargs(tmp_path, tiny_prior_dir))
+    assert [r.step for r in auditor.records] == [5, 10, 15, 20]
+    (level,) = auditor.run_summary()
+    images = sum(r.recovered for r in auditor.records)
+    assert level.audits == 4 and level.recovered == images
+    for key in level.success:
+        assert level.success[key] == pytest.approx(sum(r.success[key] * r.recovered for r in auditor.records) / images)
+    assert level.success["ssim@0.5"] != auditor.records[-1].success["ssim@0.5"]
+    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"tensors": 0}).Reload()
+    run_text = events.Tensors("audit/run_summary/text_summary")
+    assert [e.step for e in run_text] == [20]
+    assert run_text[0].tensor_proto.string_val[0].decode() == run_summary_markdown([level])
+    hparams = EventAccumulator(str(tmp_path / "audit" / "hparams"), size_guidance={"scalars": 0}).Reload()
+    for key, rate in level.success.items():
+        assert hparams.Scalars(f"hparam/success_{key}")[0].value == pytest.approx(rate)
+        assert hparams.Scalars(f"hparam/success_{key}_high")[0].value == pytest.approx(level.success_ci[key]["high"])
+    assert hparams.Scalars("hparam/reconstructed_ssim")[0].value == pytest.approx(level.reconstructed["ssim"])
 
 
 def test_an_accountant_of_one_s_own_that_takes_arguments_gives_each_audit_its_epsilon(tmp_path, fashion_images,

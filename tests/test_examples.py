@@ -16,6 +16,7 @@ def test_demo_runs_and_prints_where_the_logs_are(tmp_path, tiny_prior_dir):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 audits (0 dropped, 0 failed)" in out.stdout
+    assert "all audits together" in out.stdout and "2 audit(s), steps 2 to 4" in out.stdout
     assert "tensorboard --logdir" in out.stdout and "epsilon =" in out.stdout
     assert (tmp_path / "logs" / "audits.jsonl").is_file()
 
