@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="error threshold of a success (1 - SSIM for ssim; default 0.5)")
     sweep.add_argument("--target-success", type=_non_negative_float, default=0.05,
                        help="highest acceptable success rate for the recommendation (default 0.05)")
+    sweep.add_argument("--recommend-on", choices=("estimate", "upper"), default="estimate",
+                       help="compare the target with each success rate (estimate, default) or with the top of its "
+                            "interval (upper: the conservative choice, needs more images)")
     sweep.add_argument("--confidence", type=_probability, default=0.95,
                        help="level of each success rate's Clopper-Pearson interval (default 0.95)")
     sweep.add_argument("--seed", type=int, default=0, help="seed of the noise, batches and sampler (default 0)")
@@ -271,7 +274,8 @@ def _sweep(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, bins=args.bins, sampler=args.sampler, steps=args.steps, links=args.links,
         scale=args.scale, estimate_noise=args.estimate_noise,
         kappa_samples=args.kappa_samples, success_metric=args.success_metric, success_eta=args.success_eta,
-        target_success=args.target_success, confidence=args.confidence, seed=args.seed,
+        target_success=args.target_success, recommend_on=args.recommend_on, confidence=args.confidence,
+        seed=args.seed,
     )
     if config.sample_rate > 1:
         raise CliError(f"--sample-rate must be at most 1, got {config.sample_rate}")

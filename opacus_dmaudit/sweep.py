@@ -35,7 +35,10 @@ from opacus_dmaudit.report import (image_grid, make_private_dir, protect_tree, s
                                    write_private_bytes)
 from opacus_dmaudit.shadow import ShadowImprint
 
-__all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_kappa"]
+__all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_kappa", "RECOMMEND_ON"]
+
+# What a recommendation compares with the target: the observed success rate, or the top of its interval.
+RECOMMEND_ON = ("estimate", "upper")
 
 
 @dataclass
@@ -56,7 +59,11 @@ class SweepConfig:
             ``estimate_sigma``) rather than those recovery gives (``sigma C / |scale|``: the true noise with the
             oracle scale); the entries' ``noise_std`` stays recovery's, ``noise_std_estimated`` holds the estimates.
         success_metric / success_eta / target_success: the recommendation is the smallest sigma whose success rate
-            (error within eta) stays at or below ``target_success``.
+            (error within eta) stays at or below ``target_success``, as does every larger sigma swept (rates carry
+            sampling error, and one that passes below a larger sigma that fails passes by luck).
+        recommend_on: the rate compared with ``target_success``: ``"estimate"``, the observed rate, or ``"upper"``,
+            the top of its interval (the conservative choice: the true rate is under the target with
+            ``confidence``, which takes more images; 0 of 128 reaches down to only 0.028 at 95%).
         confidence: the level of each success rate's Clopper-Pearson interval (``SweepEntry.success_ci``). The
             recommendation says when the interval of the rate it rests on reaches above ``target_success``: the
             rate is then under the target by sampling luck as much as by the noise, and more images would settle it.
@@ -79,6 +86,7 @@ class SweepConfig:
     success_metric: str = "ssim"
     success_eta: float = 0.5
     target_success: float = 0.05
+    recommend_on: str = "estimate"
     confidence: float = 0.95
     seed: int = 0
 
@@ -99,6 +107,8 @@ class SweepConfig:
             raise ValueError(f"success_metric must be one of {', '.join(SUCCESS_THRESHOLDS)}")
         if not self.success_eta > 0:
             raise ValueError(f"success_eta must be positive, got {self.success_eta}")
+        if self.recommend_on not in RECOMMEND_ON:
+            raise ValueError(f"recommend_on must be one of {', '.join(RECOMMEND_ON)}, got {self.recommend_on!r}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must lie strictly between 0 and 1 (0.95 for a 95% interval), got "
                              f"{self.confidence}")
@@ -245,33 +255,62 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
     return entry, grid
 
 
+def _judged_rate(entry: SweepEntry, key: str, config: SweepConfig) -> float | None:
+    """The rate a recommendation compares with the target (None: the entry scored no image)."""
+    if entry.n_images == 0 or key not in entry.success:
+        return None
+    return entry.success_ci[key]["high"] if config.recommend_on == "upper" else entry.success[key]
+
+
 def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | None = None) -> dict:
     key = f"{config.success_metric}@{config.success_eta:g}"
-    safe = [e for e in sorted(entries, key=lambda e: e.noise_multiplier) if e.success.get(key, 1.0) <= config.target_success]
+    scored = [e for e in sorted(entries, key=lambda e: e.noise_multiplier) if _judged_rate(e, key, config) is not None]
     unscored = [e.noise_multiplier for e in entries if e.n_images == 0]
+    # The smallest sigma from which every larger one swept meets the target: a smaller sigma that meets it below a
+    # larger one that does not met it by sampling luck, and more noise does not make an attack stronger.
+    safe: list[SweepEntry] = []
+    for entry in reversed(scored):
+        if _judged_rate(entry, key, config) > config.target_success:
+            break
+        safe.insert(0, entry)
+    lucky = [e.noise_multiplier for e in scored[: len(scored) - len(safe)]
+             if _judged_rate(e, key, config) <= config.target_success]
+    judged = "the top of its interval" if config.recommend_on == "upper" else "its success rate"
     if not safe:
         recommendation = {"noise_multiplier": None, "criterion": key, "target_success": config.target_success,
+                          "recommend_on": config.recommend_on,
                           "message": "no recommendation" if len(unscored) == len(entries) else
-                          f"no swept noise multiplier keeps the {key} success rate at or below "
-                          f"{config.target_success:g}: sweep larger ones"}
+                          f"no swept noise multiplier keeps {judged} ({key}) at or below {config.target_success:g}"
+                          f"{' from there on' if lucky else ''}: sweep larger ones"}
     else:
         best = safe[0]
         interval = best.success_ci.get(key, {"low": math.nan, "high": math.nan})
         low, high = interval["low"], interval["high"]
+        compared = (f"{key} success rate {best.success.get(key, 0):.3f}, the top of its {config.confidence:.0%} "
+                    f"interval {high:.3f} <= {config.target_success:g} (interval from {low:.3f}, over "
+                    f"{best.n_images} images)" if config.recommend_on == "upper" else
+                    f"{key} success rate {best.success.get(key, 0):.3f} <= {config.target_success:g} "
+                    f"({config.confidence:.0%} interval {low:.3f} to {high:.3f} over {best.n_images} images)")
         recommendation = {
             "noise_multiplier": best.noise_multiplier, "epsilon": best.epsilon, "delta": config.delta,
-            "criterion": key, "target_success": config.target_success, "success": best.success.get(key),
-            "success_ci": dict(interval), "confidence": config.confidence,
-            "message": f"noise multiplier {best.noise_multiplier:g}: {key} success rate "
-                       f"{best.success.get(key, 0):.3f} <= {config.target_success:g} ({config.confidence:.0%} "
-                       f"interval {low:.3f} to {high:.3f} over {best.n_images} images), epsilon "
+            "criterion": key, "target_success": config.target_success, "recommend_on": config.recommend_on,
+            "success": best.success.get(key), "success_ci": dict(interval), "confidence": config.confidence,
+            "message": f"noise multiplier {best.noise_multiplier:g}: {compared}, epsilon "
                        f"{best.epsilon if best.epsilon is not None else float('nan'):.3g} at delta {config.delta:g} "
                        f"for your schedule (q = {config.sample_rate:g}, {config.epochs:g} epochs)"}
-        if high > config.target_success:
+        if high > config.target_success and config.recommend_on == "estimate":
             # The rate is under the target, but so few images were attacked that a true rate above it would often
             # give the same count: the choice must not look firmer than it is.
             recommendation["message"] += (f"; the interval reaches above {config.target_success:g}, so the rate may "
-                                          "be under the target by chance: attack more images (--limit) to settle it")
+                                          "be under the target by chance: attack more images (--limit) to settle it, "
+                                          "or recommend on the interval's top (--recommend-on upper)")
+    if lucky:
+        recommendation["met_below_a_failure"] = lucky
+        larger = [e.noise_multiplier for e in scored if e.noise_multiplier > lucky[0] and e not in safe
+                  and e.noise_multiplier not in lucky]
+        recommendation["message"] += (f"; noise multiplier {', '.join(f'{s:g}' for s in lucky)} met the target too, "
+                                      f"but the larger {', '.join(f'{s:g}' for s in larger)} did not: that pass is "
+                                      "sampling luck (more noise does not help an attacker), so it is not recommended")
     if unscored:
         # Their success rate is not 0 but unknown: no recommendation may rest on them, and the user must know why.
         recommendation["unscored"] = unscored

@@ -42,9 +42,9 @@ def test_a_recommendation_that_rests_on_too_few_images_says_so():
     from opacus_dmaudit.metrics import success_interval
     from opacus_dmaudit.sweep import SweepEntry, _recommend
 
-    def entry(hits, images):
+    def entry(hits, images, sigma=3.0):
         low, high = success_interval(hits, images)
-        return SweepEntry(noise_multiplier=3.0, epsilon=0.12, epsilon_rdp=0.2, epsilon_prv=0.12, delta=1e-5,
+        return SweepEntry(noise_multiplier=sigma, epsilon=0.12, epsilon_rdp=0.2, epsilon_prv=0.12, delta=1e-5,
                           mu=1 / 3, links=1, n_images=images, noise_std={"median": 36.9}, noise_std_estimated=None,
                           t_start_median=921.0, noisy={}, reconstructed={}, success={"ssim@0.5": hits / images},
                           success_ci={"ssim@0.5": {"low": low, "high": high}}, kappa={"ssim@0.5": 0.016},
@@ -55,11 +55,49 @@ def test_a_recommendation_that_rests_on_too_few_images_says_so():
     assert unsure["noise_multiplier"] == 3.0 and unsure["success_ci"]["high"] == pytest.approx(0.0553, abs=1e-4)
     assert "(95% interval 0.002 to 0.055 over 128 images)" in unsure["message"]
     assert unsure["message"].endswith("the interval reaches above 0.05, so the rate may be under the target by "
-                                      "chance: attack more images (--limit) to settle it")
+                                      "chance: attack more images (--limit) to settle it, or recommend on the "
+                                      "interval's top (--recommend-on upper)")
     firm = _recommend([entry(8, 1024)], SweepConfig())
     assert firm["success_ci"]["high"] < 0.05 and "by chance" not in firm["message"]
+    # On the interval's top, 2 of 128 does not meet 5%; 8 of 1,024 (top 0.015) does, and so does 2 of 128 at 10%.
+    upper = SweepConfig(recommend_on="upper")
+    assert _recommend([entry(2, 128)], upper)["noise_multiplier"] is None
+    assert "keeps the top of its interval (ssim@0.5) at or below 0.05" in _recommend([entry(2, 128)], upper)["message"]
+    firm_upper = _recommend([entry(8, 1024)], upper)
+    assert firm_upper["noise_multiplier"] == 3.0 and firm_upper["recommend_on"] == "upper"
+    assert "the top of its 95% interval 0.015 <= 0.05" in firm_upper["message"]
+    assert _recommend([entry(2, 128)], SweepConfig(recommend_on="upper", target_success=0.1))["noise_multiplier"] == 3
     with pytest.raises(ValueError, match="confidence must lie strictly between 0 and 1"):
         SweepConfig(confidence=95).validate()
+    with pytest.raises(ValueError, match="recommend_on must be one of estimate, upper"):
+        SweepConfig(recommend_on="lower").validate()
+
+
+def test_a_sigma_that_passes_below_a_larger_one_that_fails_is_not_recommended():
+    from opacus_dmaudit.metrics import success_interval
+    from opacus_dmaudit.sweep import SweepEntry, _recommend
+
+    def entry(sigma, hits, images=256):
+        low, high = success_interval(hits, images)
+        return SweepEntry(noise_multiplier=sigma, epsilon=1 / sigma, epsilon_rdp=1 / sigma, epsilon_prv=1 / sigma,
+                          delta=1e-5, mu=1 / sigma, links=1, n_images=images, noise_std={"median": sigma},
+                          noise_std_estimated=None, t_start_median=500.0, noisy={}, reconstructed={},
+                          success={"ssim@0.5": hits / images}, success_ci={"ssim@0.5": {"low": low, "high": high}},
+                          kappa={}, rero_bound={}, rero_bound_attack={}, seconds=1.0)
+
+    # 10, 14 and 3 of 256: sigma 1 passes (3.9%) by the luck of its draw, as sigma 2 (5.5%) shows.
+    entries = [entry(3.0, 3), entry(1.0, 10), entry(2.0, 14), entry(0.5, 40)]
+    recommendation = _recommend(entries, SweepConfig())
+    assert recommendation["noise_multiplier"] == 3.0 and recommendation["met_below_a_failure"] == [1.0]
+    assert ("noise multiplier 1 met the target too, but the larger 2 did not: that pass is sampling luck"
+            in recommendation["message"])
+    # The largest failing: nothing from there on meets the target.
+    failing = _recommend([entry(1.0, 10), entry(2.0, 14)], SweepConfig())
+    assert failing["noise_multiplier"] is None and failing["met_below_a_failure"] == [1.0]
+    assert "at or below 0.05 from there on: sweep larger ones" in failing["message"]
+    # Rates that fall with sigma: the smallest passing one, as before.
+    plain = _recommend([entry(1.0, 20), entry(2.0, 10), entry(3.0, 3)], SweepConfig())
+    assert plain["noise_multiplier"] == 2.0 and "met_below_a_failure" not in plain
 
 
 def test_a_batch_larger_than_the_bins_is_attacked_in_steps_of_as_many_images_as_bins(fashion_images, tiny_prior_dir):
@@ -180,7 +218,8 @@ def test_the_command_line_takes_the_attackers_estimates(tmp_path, tiny_prior_dir
     out = subprocess.run([sys.executable, "-m", "opacus_dmaudit", "sweep", "--images", "fashion-mnist", "--prior",
                           tiny_prior_dir, "--noise-multipliers", "0.05", "--limit", "32", "--batch-size", "32",
                           "--bins", "64", "--steps", "1", "--kappa-samples", "1", "--scale", "bin-measurement",
-                          "--estimate-noise", "--target-success", "1", "--out", str(tmp_path / "s")],
+                          "--estimate-noise", "--target-success", "1", "--recommend-on", "upper",
+                          "--out", str(tmp_path / "s")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     written = json.loads((tmp_path / "s" / "recommendation.json").read_text())
@@ -190,6 +229,8 @@ def test_the_command_line_takes_the_attackers_estimates(tmp_path, tiny_prior_dir
     assert entry["noise_std_estimated"]["median"] > 0
     assert "the attacker estimates its scale and noise level" in out.stdout
     assert "95% interval" in out.stdout and "95% interval" in written["recommendation"]["message"]
+    assert written["config"]["recommend_on"] == written["recommendation"]["recommend_on"] == "upper"
+    assert "the top of its 95% interval" in written["recommendation"]["message"]
 
 
 def test_the_command_line_refuses_a_confidence_outside_0_to_1(capsys):
