@@ -338,23 +338,23 @@ def _summarize(args: argparse.Namespace) -> int:
             runs[str(log_dir)] = summarize_run(read_audit_records(log_dir), confidence=args.confidence)
         except FileNotFoundError as exc:
             raise CliError(str(exc)) from None
-    header = (f"{'sigma':>7} {'audits':>6} {'steps':>11} {'epsilon':>9} {'images':>6} | {'recon PSNR':>10} "
-              f"{'recon SSIM':>10} | {'success ssim@0.5':>16} {f'{args.confidence:.0%} interval':>13} "
-              f"{'ReRo bound':>10}")
+    width = max(len("run"), *(len(log_dir) for log_dir in runs))
+    header = (f"{'run':<{width}} {'sigma':>7} {'audits':>6} {'steps':>11} {'epsilon':>9} {'images':>6} | "
+              f"{'recon PSNR':>10} {'recon SSIM':>10} | {'success ssim@0.5':>16} "
+              f"{f'{args.confidence:.0%} interval':>13} {'ReRo bound':>10}")
     key = "ssim@0.5"
+    print(header)
+    print("-" * len(header))
     for log_dir, summaries in runs.items():
-        print(f"{log_dir}: {sum(s.audits for s in summaries)} audit(s)")
         if not summaries:
-            continue
-        print(header)
-        print("-" * len(header))
+            print(f"{log_dir:<{width}} no audits")
         for s in summaries:
-            ci = s.success_ci.get(key, {"low": math.nan, "high": math.nan})
-            interval = f"{ci['low']:.3f}-{ci['high']:.3f}"
-            print(f"{s.noise_multiplier:>7.3g} {s.audits:>6d} {f'{s.first_step}-{s.last_step}':>11} "
-                  f"{_figure(s.epsilon, '9.3g')} {s.recovered:>6d} | {_figure(s.reconstructed.get('psnr'), '10.2f')} "
-                  f"{_figure(s.reconstructed.get('ssim'), '10.3f')} | {s.success.get(key, math.nan):>16.3f} "
-                  f"{interval:>13} {_figure(s.rero_bound.get(key), '10.3f')}"
+            ci = s.success_ci.get(key)
+            interval = "n/a" if ci is None else f"{ci['low']:.3f}-{ci['high']:.3f}"
+            print(f"{log_dir:<{width}} {s.noise_multiplier:>7.3g} {s.audits:>6d} "
+                  f"{f'{s.first_step}-{s.last_step}':>11} {_figure(s.epsilon, '9.3g')} {s.recovered:>6d} | "
+                  f"{_figure(s.reconstructed.get('psnr'), '10.2f')} {_figure(s.reconstructed.get('ssim'), '10.3f')} | "
+                  f"{_figure(s.success.get(key), '16.3f')} {interval:>13} {_figure(s.rero_bound.get(key), '10.3f')}"
                   + ("  interval above the bound" if key in s.above_bound else ""))
     print("success = share of all reconstructions at that sigma with SSIM >= 0.5, pooled over the run's audits (an image "
           "attacked in several audits counts once per audit); --json has every metric and threshold")

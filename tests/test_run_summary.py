@@ -112,14 +112,20 @@ def test_summarize_prints_each_run_and_writes_json(tmp_path, capsys):
             writer.audit(record)
         writer.close()
     folders = [str(tmp_path / name) for name in runs]
-    assert main(["summarize", *folders, "--json", str(tmp_path / "summary.json")]) == 0
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "audits.jsonl").write_text("")  # a run that finished no audit
+    assert main(["summarize", *folders, str(tmp_path / "none"), "--json", str(tmp_path / "summary.json")]) == 0
     out = capsys.readouterr().out
-    assert f"{folders[0]}: 2 audit(s)" in out and f"{folders[1]}: 1 audit(s)" in out
-    row = next(line for line in out.splitlines() if line.strip().startswith("1 "))
-    assert row.split()[:5] == ["1", "2", "50-100", "3", "40"] and "0.150" in row and "0.600" in row
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(str(tmp_path))}
+    # run, sigma, audits, steps, epsilon, images | PSNR, SSIM | success, interval, bound
+    assert rows[folders[0]][1:6] == ["1", "2", "50-100", "3", "40"] and rows[folders[0]][10:] == [
+        "0.150", "0.057-0.298", "0.600"]
+    assert rows[folders[1]][1:6] == ["3", "1", "50-50", "0.2", "20"] and rows[folders[1]][10:] == [
+        "0.000", "0.000-0.168", "0.050"]
+    assert rows[str(tmp_path / "none")][1:] == ["no", "audits"]
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert written == json.loads(json.dumps({f: [asdict(s) for s in summarize_run(runs[n])]
-                                             for f, n in zip(folders, runs)}))
+    assert written == json.loads(json.dumps({**{f: [asdict(s) for s in summarize_run(runs[n])]
+                                                for f, n in zip(folders, runs)}, str(tmp_path / "none"): []}))
     assert (tmp_path / "summary.json").stat().st_mode & 0o077 == 0  # it describes training images' attacks
     # Nothing is replaced without --overwrite, and a folder without audits is one line, exit status 2.
     assert main(["summarize", folders[0], "--json", str(tmp_path / "summary.json")]) == 2
