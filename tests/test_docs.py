@@ -23,9 +23,11 @@ def section(text: str, heading: str) -> str:
 
 
 def table_rows(body: str) -> list[list[str]]:
-    """The cells of a Markdown table's body rows (the header and its rule left out)."""
-    rows = [line for line in body.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+    """The cells of the body rows of the first Markdown table in ``body`` (the header and its rule left out)."""
+    lines = body.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in lines[start + 2 : end]]
 
 
 def code_spans(cell: str) -> list[str]:
