@@ -995,6 +995,18 @@ class DMAuditor:
             last = self.records[-1]
             summaries = self.run_summary()
             self.writer.text("audit/run_summary", run_summary_markdown(summaries), step=last.step)
+            for level in summaries:
+                if level.above_bound:
+                    # The one audit finding that says DP itself may not hold as configured: it must not sit in a
+                    # text tab alone.
+                    logger.warning("opacus_dmaudit: at noise multiplier %g the attack succeeded more often than DP "
+                                   "allows, beyond the rate's sampling error (%s; ReRo bound %s): the auditor's attacker knows "
+                                   "which bins hold one image%s, which the bound does not cover, but check that the "
+                                   "noise really is added as configured", level.noise_multiplier,
+                                   ", ".join(f"{k} {level.success_hits[k]} of {level.recovered}, interval from "
+                                             f"{level.success_ci[k]['low']:.3f}" for k in level.above_bound),
+                                   ", ".join(f"{level.rero_bound[k]:.3f}" for k in level.above_bound),
+                                   " and the clean scale" if self.scale == "oracle" else "")
             # The figures to compare runs by in TensorBoard's HParams tab: pooled over every audit at the run's last
             # noise multiplier, not one audit's rough rate.
             level = next(s for s in summaries if s.noise_multiplier == last.noise_multiplier)

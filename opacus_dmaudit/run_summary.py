@@ -50,9 +50,10 @@ class RunSummary:
         success_ci: each share's Clopper-Pearson interval (``low``, ``high``) at ``confidence``.
         rero_bound: per key, the highest success rate DP allows an attacker of one such step at the prior's baseline
             kappa (the audits share sigma and kappa, so their bounds agree; the highest is kept).
-        above_bound: the keys whose whole interval lies above the bound: more successes than DP allows, even allowing
-            for sampling error. The auditor's attacker has side information the bound does not cover (which bins
-            hold one image; the oracle scale), but a rate far above it is worth a look at the DP set-up.
+        above_bound: the keys whose whole interval lies above the bound: more successes than DP allows, beyond the
+            rate's sampling error (kappa, an estimate from prior draws, has its own). The auditor's attacker has side
+            information the bound does not cover (which bins hold one image; the oracle scale), but a rate above it
+            is worth a look at the DP set-up.
     """
 
     noise_multiplier: float
@@ -210,7 +211,7 @@ def run_summary_markdown(summaries: Sequence[RunSummary]) -> str:
             run = [""] * len(run)  # the noise multiplier's figures once, on its first row
         if s.above_bound:
             notes.append(f"At noise multiplier {s.noise_multiplier:g} the whole interval of {', '.join(s.above_bound)} "
-                         "lies above its ReRo bound: more successes than DP allows, beyond sampling error. The "
+                         "lies above its ReRo bound: more successes than DP allows, beyond the rate's sampling error. The "
                          "auditor's attacker knows which bins hold one image (and, with scale 'oracle', the clean "
                          "scale), which the bound does not cover; check the DP set-up all the same.")
     level = f"{summaries[0].confidence:.0%} " if summaries else ""

@@ -208,6 +208,29 @@ def test_close_logs_the_audits_pooled_and_makes_them_the_runs_hparams(tmp_path, 
     assert hparams.Scalars("hparam/reconstructed_ssim")[0].value == pytest.approx(level.reconstructed["ssim"])
 
 
+def test_close_warns_when_the_pooled_rate_lies_above_the_rero_bound(tmp_path, tiny_prior_dir, caplog):
+    # Records such as a run whose gradients carried less noise than its accountant counted would give: 30 of 32
+    # reconstructions within SSIM 0.5 where the bound allows 0.6.
+    from test_report import audit_record
+
+    def close_with(records, folder):
+        auditor = DMAuditor(None, prior=tiny_prior_dir, log_dir=tmp_path / folder, kappa_samples=0)
+        auditor.records.extend(records)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="opacus_dmaudit"):
+            auditor.close()
+        return caplog.text
+
+    above = dict(recovered=16, success={"ssim@0.5": 15 / 16}, rero_bound={"ssim@0.5": 0.6})
+    text = close_with([audit_record(10, **above), audit_record(20, **above)], "above")
+    assert "at noise multiplier 1 the attack succeeded more often than DP allows" in text
+    assert "(ssim@0.5 30 of 32, interval from 0.792; ReRo bound 0.600)" in text and "and the clean scale" in text
+    # 3 of 4 twice: the rate is above the bound, its interval (0.35 to 0.97) reaches below it.
+    within = dict(recovered=4, success={"ssim@0.5": 3 / 4}, rero_bound={"ssim@0.5": 0.6})
+    assert "more often than DP allows" not in close_with([audit_record(10, **within), audit_record(20, **within)],
+                                                         "within")
+
+
 def test_an_accountant_of_one_s_own_that_takes_arguments_gives_each_audit_its_epsilon(tmp_path, fashion_images,
                                                                                       tiny_prior_dir):
     # Opacus 1.6 takes accountants of one's own (register_accountant). An audit asks the run's accountant's class
