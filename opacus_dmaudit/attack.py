@@ -26,6 +26,7 @@ from opacus_dmaudit.metrics import ImageMetrics, success_intervals, success_rate
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.prior import DiffusionPrior, ReconstructionOutput, image_seeds
 from opacus_dmaudit.recovery import recover_images
+from opacus_dmaudit.report import grid_selection
 from opacus_dmaudit.reverse_process import bucket_size
 from opacus_dmaudit.shadow import ShadowImprint
 
@@ -212,12 +213,14 @@ def audit_epsilon(history: list, *, accountant: Any, delta: float, notes: list[s
 @dataclass
 class ScoredAudit:
     """An audit scored: its record, and the images of its grid, at most ``max_images`` each: the training images,
-    the noisy images recovered from their gradients, and their reconstructions."""
+    the noisy images recovered from their gradients, and their reconstructions, in the order ``grid_order`` says
+    (for the text beside the grid)."""
 
     record: AuditRecord
     originals: torch.Tensor
     noisy: torch.Tensor
     reconstructed: torch.Tensor
+    grid_order: str = "in the order attacked"
 
 
 class AuditAttack:
@@ -229,7 +232,8 @@ class AuditAttack:
         mode / bins / structure / measurement / gain / seed: the auditor's imprint (shadow mode builds its own from
             these at the first audit; inline mode is given the live block with :meth:`use_inline_block`).
         scale / estimate_noise / input_mean / input_std: how noisy images are recovered, and put in pixel space.
-        sampler / steps / max_reconstructions / max_images / delta / kappa_samples: as :class:`DMAuditor` takes them.
+        sampler / steps / max_reconstructions / max_images / grid_order / delta / kappa_samples: as
+            :class:`DMAuditor` takes them.
         calibration_images: model inputs to calibrate the shadow imprint on (None: ``data_calibration``, else the
             first audited batch).
         warn: ``warn(key, message)`` tells the user something once per key.
@@ -243,15 +247,16 @@ class AuditAttack:
     def __init__(self, *, prior: DiffusionPrior, image_metrics: ImageMetrics, mode: str, bins: int, structure: str,
                  measurement: str | torch.Tensor, gain: float, seed: int, scale: str, estimate_noise: bool,
                  input_mean: Sequence[float] | float | None, input_std: Sequence[float] | float | None,
-                 sampler: str, steps: int, max_reconstructions: int | None, max_images: int, delta: float,
-                 kappa_samples: int, calibration_images: torch.Tensor | None,
+                 sampler: str, steps: int, max_reconstructions: int | None, max_images: int, grid_order: str,
+                 delta: float, kappa_samples: int, calibration_images: torch.Tensor | None,
                  warn: Callable[[str, str], None]) -> None:
         self.prior, self.image_metrics = prior, image_metrics
         self.mode, self.bins, self.structure, self.measurement = mode, bins, structure, measurement
         self.gain, self.seed, self.scale, self.estimate_noise = gain, seed, scale, estimate_noise
         self.input_mean, self.input_std = input_mean, input_std
         self.sampler, self.steps, self.max_reconstructions = sampler, steps, max_reconstructions
-        self.max_images, self.delta, self.kappa_samples = max_images, delta, kappa_samples
+        self.max_images, self.grid_order = max_images, grid_order
+        self.delta, self.kappa_samples = delta, kappa_samples
         self.calibration_images = calibration_images
         self._warn = warn
         self.shadow: ShadowImprint | None = None
@@ -387,9 +392,10 @@ class AuditAttack:
             success_ci=success_intervals(recon_values),
             seconds=time.perf_counter() - item.started, audits_in_pass=audits_in_pass, notes=notes, **item.base,
         )
-        n = self.max_images
-        return ScoredAudit(record=record, originals=originals[:n], noisy=noisy[:n].clamp(0, 1),
-                           reconstructed=images[:n])
+        shown, order = grid_selection(recon_values, count=len(noisy), order=self.grid_order)
+        shown = shown[: self.max_images]
+        return ScoredAudit(record=record, originals=originals[shown], noisy=noisy[shown].clamp(0, 1),
+                           reconstructed=images[shown], grid_order=order)
 
     def _baseline(self, originals: torch.Tensor) -> dict[str, float]:
         """kappa per metric@eta: how often a draw from the prior alone is within eta of an audited image."""

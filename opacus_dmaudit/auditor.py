@@ -58,7 +58,7 @@ from opacus_dmaudit.imprint import ImprintBlock, ImprintedModel
 from opacus_dmaudit.metrics import METRICS, ImageMetrics
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.recovery import SCALES
-from opacus_dmaudit.report import AuditLogWriter
+from opacus_dmaudit.report import GRID_ORDERS, AuditLogWriter
 from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
 from opacus_dmaudit.run_summary import RunSummary, run_summary_markdown, summarize_run
 from opacus_dmaudit.shadow import SHADOW_GAIN
@@ -186,6 +186,8 @@ class DMAuditor:
         sampler / steps: the prior's reverse process ("ddim" with ``steps`` steps, or "ddpm"). DDIM-25 scores as
             DDIM-50 does (PSNR / SSIM, ``benchmarks/speed_quality.py``) at half the cost.
         max_images: images per TensorBoard grid.
+        grid_order: which reconstructions a grid shows: ``"best"``, those closest to their training images (highest
+            SSIM first), what the attacker succeeded on; ``"first"``, the first ones attacked. Scores are over all.
         max_reconstructions: reconstruct at most this many recovered images per audit (None: all).
         delta: the delta of the logged epsilon.
         metrics: metric names (subset of mse, psnr, ssim, lpips).
@@ -244,6 +246,7 @@ class DMAuditor:
         sampler: str = "ddim",
         steps: int = 25,
         max_images: int = 16,
+        grid_order: str = "best",
         max_reconstructions: int | None = None,
         delta: float = 1e-5,
         metrics: Sequence[str] = METRICS,
@@ -277,6 +280,8 @@ class DMAuditor:
                              "scale='oracle' or 'bin-measurement' inline")
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if grid_order not in GRID_ORDERS:
+            raise ValueError(f"grid_order must be one of {', '.join(map(repr, GRID_ORDERS))}, got {grid_order!r}")
         if on_error not in ("continue", "stop"):
             raise ValueError(f"on_error must be 'continue' or 'stop', got {on_error!r}")
         for name, value in (("every", every), ("bins", bins), ("steps", steps), ("max_images", max_images),
@@ -301,6 +306,7 @@ class DMAuditor:
         self.measurement, self.scale, self.estimate_noise = measurement, scale, estimate_noise
         self.gain = float(gain) if gain is not None else (SHADOW_GAIN if mode == "shadow" else INLINE_GAIN)
         self.sampler, self.steps, self.max_images = sampler, int(steps), int(max_images)
+        self.grid_order = grid_order
         self.max_reconstructions, self.delta, self.seed = max_reconstructions, float(delta), int(seed)
         self.input_mean, self.input_std = input_mean, input_std
         self.calibration_images = calibration_images
@@ -328,6 +334,7 @@ class DMAuditor:
                     measurement=measurement, gain=self.gain, seed=self.seed, scale=scale,
                     estimate_noise=estimate_noise, input_mean=input_mean, input_std=input_std, sampler=sampler,
                     steps=self.steps, max_reconstructions=max_reconstructions, max_images=self.max_images,
+                    grid_order=grid_order,
                     delta=self.delta, kappa_samples=self.kappa_samples, calibration_images=calibration_images,
                     warn=self._warn_once)
                 self._prepare_prior()
@@ -400,7 +407,7 @@ class DMAuditor:
                     measurement=self.measurement if isinstance(self.measurement, str) else "custom",
                     gain=self.gain, scale=self.scale, estimate_noise=self.estimate_noise, sampler=self.sampler,
                     steps=self.steps, prior=getattr(self.prior, "name", None), delta=self.delta,
-                    log_originals=self.log_originals,
+                    log_originals=self.log_originals, grid_order=self.grid_order,
                     lpips=self.image_metrics.lpips_reason)
 
     def _intercept(self, engine) -> None:
@@ -931,7 +938,7 @@ class DMAuditor:
             self.writer.audit(audit)
             return
         sampler = f"ddim, {self.steps} steps" if self.sampler == "ddim" else "ddpm"
-        self.writer.audit(audit.record, originals=audit.originals, rows={
+        self.writer.audit(audit.record, originals=audit.originals, order=audit.grid_order, rows={
             "recovered from the noised DP-SGD gradient": audit.noisy,
             f"reconstructed by the prior ({sampler})": audit.reconstructed})
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # the auditor writes the attack's records with this module's 
     from opacus_dmaudit.attack import AuditRecord
 
 __all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
-           "write_json", "to_json",
-           "image_grid", "save_image_grid", "audit_scalars", "audit_summary_markdown", "AuditLogWriter"]
+           "write_json", "to_json", "image_grid", "grid_selection", "GRID_ORDERS", "save_image_grid", "audit_scalars",
+           "audit_summary_markdown", "AuditLogWriter"]
 
 PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
@@ -102,6 +102,33 @@ def image_grid(rows: Sequence[torch.Tensor], *, padding: int = 2) -> torch.Tenso
     return make_grid(torch.cat(tiles), nrow=width, padding=padding, pad_value=1.0)
 
 
+# Which reconstructions a grid shows first (DMAuditor's grid_order); what a "best" grid sorts by, in order of
+# preference: the metric, whether higher is better, and its name in the text beside the grid.
+GRID_ORDERS = ("best", "first")
+_BEST_BY = (("ssim", True, "SSIM"), ("psnr", True, "PSNR"), ("mse", False, "MSE"))
+
+
+def grid_selection(values: dict[str, torch.Tensor | None], *, count: int, order: str) -> tuple[torch.Tensor, str]:
+    """Which reconstructions an audit's grid shows first, and how to say so.
+
+    ``"best"``: the reconstructions closest to their training images first (highest SSIM; PSNR or lowest MSE when
+    SSIM is not scored), because those show what the attacker succeeded on, which the first few of a batch at a
+    large sigma mostly do not. ``"first"``: the order in which the images were attacked.
+
+    Returns:
+        ``(indices, description)``: all ``count`` indices in grid order (stable: ties keep the attacked order).
+    """
+    if order == "best":
+        for name, higher_is_better, label in _BEST_BY:
+            scores = values.get(name)
+            if scores is not None and scores.numel() == count:
+                # NaN (an unscorable image) last; a perfect reconstruction's infinite PSNR first.
+                key = torch.nan_to_num(scores.double(), nan=-math.inf if higher_is_better else math.inf)
+                indices = torch.sort(key, descending=higher_is_better, stable=True).indices
+                return indices, f"{'highest' if higher_is_better else 'lowest'} {label} first"
+    return torch.arange(count), "in the order attacked"
+
+
 def save_image_grid(rows: Sequence[torch.Tensor], path: str | os.PathLike, *, private: bool = True) -> Path:
     """Save :func:`image_grid` as a PNG (0600 when ``private``)."""
     import io
@@ -133,14 +160,16 @@ def audit_scalars(record: AuditRecord) -> dict[str, float | None]:
     return scalars
 
 
-def audit_summary_markdown(record: AuditRecord, *, grid_rows: Sequence[str] = (), shown: int = 0) -> str:
+def audit_summary_markdown(record: AuditRecord, *, grid_rows: Sequence[str] = (), shown: int = 0,
+                           order: str | None = None) -> str:
     """The Markdown beside an audit's grid: its summary line, what the grid's rows are (``grid_rows``, top to bottom,
-    ``shown`` images each; none: no grid), and the notes that would otherwise sit in ``audits.jsonl`` alone (wrong
-    pixel units, lost colour, epsilon from another accountant)."""
+    ``shown`` images each, in the ``order`` said, e.g. "highest SSIM first"; none: no grid), and the notes that would
+    otherwise sit in ``audits.jsonl`` alone (wrong pixel units, lost colour, epsilon from another accountant)."""
     lines = [f"`{record.summary()}`", ""]
     if grid_rows:
         lines += [f"Grid rows, top to bottom: {'; '.join(grid_rows)} ({shown} of the {record.recovered} "
-                  f"reconstructed, of {record.attacked} attacked in a batch of {record.batch_size}).", ""]
+                  f"reconstructed{f', {order}' if order else ''}, of {record.attacked} attacked in a batch of "
+                  f"{record.batch_size}).", ""]
     lines += [f"- {note}" for note in record.notes]
     return "\n".join(lines).strip()
 
@@ -195,7 +224,7 @@ class AuditLogWriter:
             key: ["Multiline", [f"success_rate/{key}", f"rero_bound/{key}"]] for key in keys}})
 
     def audit(self, record: AuditRecord, *, originals: torch.Tensor | None = None,
-              rows: Mapping[str, torch.Tensor] | None = None) -> None:
+              rows: Mapping[str, torch.Tensor] | None = None, order: str | None = None) -> None:
         """Log one audit at its step: its scalars (:func:`audit_scalars`), its image grid, the Markdown summary
         beside it (:func:`audit_summary_markdown`), and its line in ``audits.jsonl``; then flush.
 
@@ -204,6 +233,7 @@ class AuditLogWriter:
             originals: the training images, the grid's top row; never written under ``log_originals=False``.
             rows: the grid's rows below them, top to bottom, by what they show (as many images each as
                 ``originals``); None: no grid.
+            order: how the grid's columns are ordered, for the text beside it (e.g. "highest SSIM first").
         """
         grid: dict[str, torch.Tensor] = {}
         if rows:
@@ -218,7 +248,8 @@ class AuditLogWriter:
             tag = "original_noisy_reconstructed" if self.log_originals else "noisy_reconstructed"
             self.grid(f"audit/{tag}", list(grid.values()), step=record.step)
         self.text("audit/summary", audit_summary_markdown(record, grid_rows=list(grid),
-                                                          shown=len(next(iter(grid.values()))) if grid else 0),
+                                                          shown=len(next(iter(grid.values()))) if grid else 0,
+                                                          order=order if grid else None),
                   step=record.step)
         self.record(dataclasses.asdict(record))
         self.flush()

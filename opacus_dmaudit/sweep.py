@@ -31,8 +31,8 @@ from opacus_dmaudit.metrics import (SUCCESS_THRESHOLDS, ImageMetrics, lpips_stat
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.recovery import SCALES, recover_images
-from opacus_dmaudit.report import (image_grid, make_private_dir, protect_tree, save_image_grid, write_json,
-                                   write_private_bytes)
+from opacus_dmaudit.report import (grid_selection, image_grid, make_private_dir, protect_tree, save_image_grid,
+                                   write_json, write_private_bytes)
 from opacus_dmaudit.shadow import ShadowImprint
 
 __all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_kappa", "RECOMMEND_ON"]
@@ -250,8 +250,11 @@ def _sweep_one(images, sigma, index, *, prior, config, metrics, kappa, steps_tot
         rero_bound_attack={key: rero_bound_gdp(mu_gdp(sigma, config.links), k) for key, k in kappa.items()},
         seconds=round(time.perf_counter() - started, 3),
     )
-    # No grid for a sigma whose attack left no image alone in its bin (its entry says n_images 0).
-    grid = image_grid([originals[:16], noisy[:16].clamp(0, 1), output.images[:16]]) if noisy.shape[0] else None
+    # No grid for a sigma whose attack left no image alone in its bin (its entry says n_images 0). As the auditor's
+    # default grid: the 16 reconstructions closest to their training images, what the attacker succeeded on.
+    shown = grid_selection(recon_values, count=noisy.shape[0], order="best")[0][:16]
+    grid = (image_grid([originals[shown], noisy[shown].clamp(0, 1), output.images[shown]]) if noisy.shape[0]
+            else None)
     return entry, grid
 
 

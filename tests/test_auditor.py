@@ -208,6 +208,55 @@ def test_close_logs_the_audits_pooled_and_makes_them_the_runs_hparams(tmp_path, 
     assert hparams.Scalars("hparam/reconstructed_ssim")[0].value == pytest.approx(level.reconstructed["ssim"])
 
 
+def test_the_best_grid_order_falls_back_through_the_metrics_scored():
+    from opacus_dmaudit.report import grid_selection
+
+    ssim = torch.tensor([0.2, float("nan"), 0.9, 0.2, 0.5])
+    indices, said = grid_selection({"ssim": ssim, "mse": torch.rand(5)}, count=5, order="best")
+    assert indices.tolist() == [2, 4, 0, 3, 1] and said == "highest SSIM first"  # ties stable, unscorable last
+    psnr = torch.tensor([10.0, float("inf"), 20.0])
+    assert grid_selection({"ssim": None, "psnr": psnr}, count=3, order="best")[0].tolist() == [1, 2, 0]
+    indices, said = grid_selection({"mse": torch.tensor([0.3, 0.1, 0.2])}, count=3, order="best")
+    assert indices.tolist() == [1, 2, 0] and said == "lowest MSE first"
+    assert grid_selection({"lpips": None}, count=3, order="best")[0].tolist() == [0, 1, 2]
+    indices, said = grid_selection({"ssim": ssim}, count=5, order="first")
+    assert indices.tolist() == [0, 1, 2, 3, 4] and said == "in the order attacked"
+
+
+@pytest.mark.parametrize("grid_order", ["best", "first"])
+def test_the_grid_shows_the_reconstructions_the_attacker_did_best_on(tmp_path, fashion_images, tiny_prior_dir,
+                                                                     grid_order):
+    import io
+
+    from PIL import Image
+
+    from opacus_dmaudit.metrics import ssim
+
+    # sigma = 0.02: reconstructions of every quality, and more of them than the grid's 8 columns.
+    _, auditor, _ = train(fashion_images, sigma=0.02, steps=5, auditor_kwargs=audit_kwargs(
+        tmp_path, tiny_prior_dir, max_images=8, kappa_samples=0, grid_order=grid_order))
+    (record,) = auditor.records
+    assert record.recovered > 8
+    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    (grid,) = events.Images("audit/original_noisy_reconstructed")
+    pixels = torch.from_numpy(numpy.array(Image.open(io.BytesIO(grid.encoded_image_string)).convert("L")))
+    # rows × columns × 28 × 28: tiles every 30 pixels after the grid's 2-pixel padding
+    tiles = pixels.float().div(255)[2:, 2:].unfold(0, 28, 30).unfold(1, 28, 30)
+    originals, reconstructed = tiles[0].unsqueeze(1), tiles[2].unsqueeze(1)
+    shown = ssim(reconstructed, originals)  # of the 8-bit grid: within about 0.01 of the scores
+    assert len(shown) == 8
+    text = events.Tensors("audit/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    if grid_order == "best":
+        assert all(shown[:-1] >= shown[1:] - 0.02), shown
+        assert shown[-1] > record.reconstructed["ssim"]  # the 8 best of more than 8 lie above their mean
+        assert f"(8 of the {record.recovered} reconstructed, highest SSIM first, of 64 attacked" in text
+    else:  # these 8 (seeded) are not in SSIM order: the check above would fail on them
+        assert not all(shown[:-1] >= shown[1:] - 0.02), shown
+        assert f"(8 of the {record.recovered} reconstructed, in the order attacked, of 64 attacked" in text
+    with pytest.raises(ValueError, match="grid_order must be one of 'best', 'first', got 'worst'"):
+        DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", grid_order="worst")
+
+
 def test_close_warns_when_the_pooled_rate_lies_above_the_rero_bound(tmp_path, tiny_prior_dir, caplog):
     # Records such as a run whose gradients carried less noise than its accountant counted would give: 30 of 32
     # reconstructions within SSIM 0.5 where the bound allows 0.6.

@@ -36,6 +36,12 @@ def test_sweep_writes_figures_bounds_and_a_recommendation(tmp_path, fashion_imag
     assert (tmp_path / "sweep" / "grid_sigma_0.3.png").stat().st_mode & 0o077 == 0
     assert list((tmp_path / "sweep" / "tensorboard").glob("events.out.tfevents.*"))
     assert result.recommendation["criterion"] == "ssim@0.5"
+    # Each grid shows the reconstructions closest to their training images, highest SSIM first.
+    from opacus_dmaudit.metrics import ssim
+
+    tiles = result.grids[0.3][0, 2:, 2:].unfold(0, 28, 30).unfold(1, 28, 30)  # rows × columns × 28 × 28
+    shown = ssim(tiles[2].unsqueeze(1), tiles[0].unsqueeze(1))
+    assert len(shown) == min(16, low["n_images"]) and all(shown[:-1] >= shown[1:] - 1e-6), shown
 
 
 def test_a_recommendation_that_rests_on_too_few_images_says_so():
