@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--confidence", type=_probability, default=0.95,
                            help="level of each pooled success rate's Clopper-Pearson interval (default 0.95)")
     summarize.add_argument("--json", type=Path, default=None, help="write the summaries as JSON here")
-    summarize.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    summarize.add_argument("--plot", type=Path, default=None,
+                           help="write a PNG here: metrics and success rates (with intervals and ReRo bounds) "
+                                "against each run's epsilon, one point per run and noise multiplier")
+    summarize.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
     return parser
 
 
@@ -328,10 +331,11 @@ def _sweep(args: argparse.Namespace) -> int:
 def _summarize(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from opacus_dmaudit.report import write_json
+    from opacus_dmaudit.report import metrics_and_success_plot, write_json, write_private_bytes
     from opacus_dmaudit.run_summary import read_audit_records, summarize_run
 
     _refuse_overwrite(args.json, args.overwrite)
+    _refuse_overwrite(args.plot, args.overwrite)
     runs = {}
     for log_dir in args.log_dirs:
         try:
@@ -361,6 +365,18 @@ def _summarize(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {log_dir: [asdict(s) for s in summaries] for log_dir, summaries in runs.items()})
         print(f"wrote {args.json}")
+    if args.plot:
+        # Each run's epsilon is the one after its last audit at that sigma: the runs' privacy, side by side.
+        points = sorted((s for summaries in runs.values() for s in summaries if s.recovered and s.epsilon is not None),
+                        key=lambda s: s.epsilon)
+        if not points:
+            raise CliError("nothing to plot: no run has an audit that reconstructed images at a finite epsilon")
+        png = metrics_and_success_plot(points, [s.epsilon for s in points], x_label="epsilon", confidence=args.confidence,
+                                       bounds=[("ReRo bound, audited step", "^--", 0.6,
+                                                lambda s, key: s.rero_bound.get(key))],
+                                       title=f"opacus-dmaudit summarize: {len(points)} run(s) and noise multiplier(s)")
+        write_private_bytes(args.plot, png, private=False)
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -7,11 +7,12 @@ module writes is created with owner-only permissions (files 0600, folders 0700) 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -19,7 +20,8 @@ if TYPE_CHECKING:  # the auditor writes the attack's records with this module's 
     from opacus_dmaudit.attack import AuditRecord
 
 __all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
-           "write_json", "to_json", "image_grid", "grid_selection", "GRID_ORDERS", "save_image_grid", "audit_scalars",
+           "write_json", "to_json", "image_grid", "grid_selection", "GRID_ORDERS", "save_image_grid",
+           "metrics_and_success_plot", "audit_scalars",
            "audit_summary_markdown", "AuditLogWriter"]
 
 PRIVATE_FILE_MODE = 0o600
@@ -131,8 +133,6 @@ def grid_selection(values: dict[str, torch.Tensor | None], *, count: int, order:
 
 def save_image_grid(rows: Sequence[torch.Tensor], path: str | os.PathLike, *, private: bool = True) -> Path:
     """Save :func:`image_grid` as a PNG (0600 when ``private``)."""
-    import io
-
     from PIL import Image
 
     grid = image_grid(rows)
@@ -140,6 +140,65 @@ def save_image_grid(rows: Sequence[torch.Tensor], path: str | os.PathLike, *, pr
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return write_private_bytes(path, buffer.getvalue(), private=private)
+
+
+def _log_axis(ax, xs: Sequence[float]) -> None:
+    """A log x axis ticked at the given values alone (matplotlib's minor labels overlap over a short range)."""
+    ax.set_xscale("log")
+    ticks = sorted({x for x in xs if math.isfinite(x) and x > 0})
+    ax.set_xticks(ticks, [f"{x:.3g}" for x in ticks])
+    ax.minorticks_off()
+
+
+def metrics_and_success_plot(entries: Sequence[Any], xs: Sequence[float], *, x_label: str,
+                             bounds: Sequence[tuple[str, str, float, Callable[[Any, str], float | None]]],
+                             confidence: float, title: str) -> bytes:
+    """A PNG of four panels against ``xs`` (log axis): mean PSNR, SSIM and MSE of the noisy and reconstructed
+    images, and each success rate with its interval as error bars beside its bounds.
+
+    Args:
+        entries: one per x, each with ``noisy`` and ``reconstructed`` (metric means) and ``success`` and
+            ``success_ci`` per ``metric@eta`` (a sweep's entries, a run summary's noise multipliers).
+        bounds: per bound line: its label, matplotlib format, alpha, and ``bound(entry, key)`` (None: not drawn).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, metric in zip(axes[:3], ("psnr", "ssim", "mse")):
+        for attribute, style, label in (("noisy", "o--", "noisy (recovered)"), ("reconstructed", "o-", "reconstructed")):
+            values = [getattr(e, attribute).get(metric) for e in entries]
+            ax.plot(xs, [math.nan if v is None else v for v in values], style, label=label)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(metric.upper())
+        _log_axis(ax, xs)
+        ax.legend()
+    ax = axes[3]
+    for key in sorted(entries[0].success) if entries else ():
+        rates = [e.success.get(key, math.nan) for e in entries]
+        # The bars are each rate's interval: few images leave a rate rough, and the plot must not hide it.
+        spans = [[rate - e.success_ci[key]["low"] if key in e.success_ci else 0.0 for rate, e in zip(rates, entries)],
+                 [e.success_ci[key]["high"] - rate if key in e.success_ci else 0.0 for rate, e in zip(rates, entries)]]
+        line = ax.errorbar(xs, rates, yerr=spans, fmt="o-", capsize=3,
+                           label=f"success {key} ({confidence:.0%} interval)").lines[0]
+        for label, style, alpha, bound in bounds:
+            values = [bound(e, key) for e in entries]
+            if any(v is not None for v in values):
+                ax.plot(xs, [math.nan if v is None else v for v in values], style, color=line.get_color(),
+                        alpha=alpha, label=f"{label} {key}")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("success rate")
+    _log_axis(ax, xs)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def audit_scalars(record: AuditRecord) -> dict[str, float | None]:

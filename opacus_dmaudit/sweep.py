@@ -31,8 +31,8 @@ from opacus_dmaudit.metrics import (SUCCESS_THRESHOLDS, ImageMetrics, lpips_stat
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.noise import estimate_noise_std
 from opacus_dmaudit.recovery import SCALES, recover_images
-from opacus_dmaudit.report import (grid_selection, image_grid, make_private_dir, protect_tree, save_image_grid,
-                                   write_json, write_private_bytes)
+from opacus_dmaudit.report import (grid_selection, image_grid, make_private_dir, metrics_and_success_plot,
+                                   protect_tree, save_image_grid, write_json, write_private_bytes)
 from opacus_dmaudit.shadow import ShadowImprint
 
 __all__ = ["SweepConfig", "SweepEntry", "SweepResult", "run_sweep", "estimate_kappa", "RECOMMEND_ON"]
@@ -437,55 +437,15 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _log_axis(ax, xs: list[float]) -> None:
-    """A log x axis ticked at the swept values alone (matplotlib's minor labels overlap over a short range)."""
-    ax.set_xscale("log")
-    ticks = sorted({x for x in xs if math.isfinite(x) and x > 0})
-    ax.set_xticks(ticks, [f"{x:.3g}" for x in ticks])
-    ax.minorticks_off()
-
-
 def _plot(result: SweepResult, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     entries = [e for e in result.entries if e.n_images]
     if not entries:
         return
-    sigmas = [e.noise_multiplier for e in entries]
-    epsilons = [e.epsilon if e.epsilon is not None else math.nan for e in entries]
-    for axis_name, xs in (("sigma", sigmas), ("epsilon", epsilons)):
-        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-        for ax, metric in zip(axes[:3], ("psnr", "ssim", "mse")):
-            ax.plot(xs, [e.noisy.get(metric) for e in entries], "o--", label="noisy (recovered)")
-            ax.plot(xs, [e.reconstructed.get(metric) for e in entries], "o-", label="reconstructed")
-            ax.set_xlabel(axis_name)
-            ax.set_ylabel(metric.upper())
-            _log_axis(ax, xs)
-            ax.legend()
-        ax = axes[3]
-        for key in sorted(entries[0].success):
-            rates = [e.success[key] for e in entries]
-            # The bars are each rate's interval: few images leave a rate rough, and the plot must not hide it.
-            spans = [[rate - e.success_ci[key]["low"] for rate, e in zip(rates, entries)],
-                     [e.success_ci[key]["high"] - rate for rate, e in zip(rates, entries)]]
-            line = ax.errorbar(xs, rates, yerr=spans, fmt="o-", capsize=3,
-                               label=f"success {key} ({result.config['confidence']:.0%} interval)").lines[0]
-            bounds = [e.rero_bound.get(key) for e in entries]
-            ax.plot(xs, [math.nan if b is None else b for b in bounds], "s:", color=line.get_color(),
-                    label=f"ReRo bound, schedule {key}")
-            ax.plot(xs, [e.rero_bound_attack[key] for e in entries], "^--", color=line.get_color(), alpha=0.6,
-                    label=f"ReRo bound, attacked steps {key}")
-        ax.set_xlabel(axis_name)
-        ax.set_ylabel("success rate")
-        _log_axis(ax, xs)
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
-        fig.suptitle(f"opacus-dmaudit sweep, prior {result.prior}")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90)
-        plt.close(fig)
-        write_private_bytes(out / f"sweep_vs_{axis_name}.png", buffer.getvalue(), private=False)
+    bounds = [("ReRo bound, schedule", "s:", 1.0, lambda e, key: e.rero_bound.get(key)),
+              ("ReRo bound, attacked steps", "^--", 0.6, lambda e, key: e.rero_bound_attack.get(key))]
+    for axis_name, xs in (("sigma", [e.noise_multiplier for e in entries]),
+                          ("epsilon", [e.epsilon if e.epsilon is not None else math.nan for e in entries])):
+        png = metrics_and_success_plot(entries, xs, x_label=axis_name, bounds=bounds,
+                                       confidence=result.config["confidence"],
+                                       title=f"opacus-dmaudit sweep, prior {result.prior}")
+        write_private_bytes(out / f"sweep_vs_{axis_name}.png", png, private=False)

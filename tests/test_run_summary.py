@@ -114,7 +114,8 @@ def test_summarize_prints_each_run_and_writes_json(tmp_path, capsys):
     folders = [str(tmp_path / name) for name in runs]
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "audits.jsonl").write_text("")  # a run that finished no audit
-    assert main(["summarize", *folders, str(tmp_path / "none"), "--json", str(tmp_path / "summary.json")]) == 0
+    assert main(["summarize", *folders, str(tmp_path / "none"), "--json", str(tmp_path / "summary.json"),
+                 "--plot", str(tmp_path / "runs.png")]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(str(tmp_path))}
     # run, sigma, audits, steps, epsilon, images | PSNR, SSIM | success, interval, bound
@@ -132,3 +133,17 @@ def test_summarize_prints_each_run_and_writes_json(tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main(["summarize", str(tmp_path / "nowhere")]) == 2
     assert "no audit records at" in capsys.readouterr().err
+    # The plot: one point per run and sigma, against epsilon; a run without a finite epsilon has no place on it.
+    from PIL import Image
+
+    with Image.open(tmp_path / "runs.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 3 * plot.size[1]
+    assert main(["summarize", folders[0], "--plot", str(tmp_path / "runs.png")]) == 2
+    assert "runs.png exists; pass --overwrite" in capsys.readouterr().err
+    writer = AuditLogWriter(tmp_path / "no-noise")
+    writer.audit(scored(1, 4, 4, noise_multiplier=0.0, epsilon=math.inf, mu_step=None))
+    writer.close()
+    assert main(["summarize", str(tmp_path / "no-noise"), "--plot", str(tmp_path / "none.png")]) == 2
+    assert "nothing to plot: no run has an audit that reconstructed images at a finite epsilon" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "none.png").exists()
