@@ -273,8 +273,11 @@ def success_interval(hits: int, images: int, *, confidence: float = 0.95) -> tup
     """Clopper-Pearson interval of a success rate: ``hits`` of ``images`` reconstructions succeeded.
 
     The attacked images are a sample, so an observed rate carries sampling error (2 hits in 128 images leave the
-    rate anywhere from 0.002 to 0.055 at 95%). The exact binomial interval (``scipy.stats.binomtest``) holds its
-    coverage at any sample size and at rates near 0, where the normal approximation does not.
+    rate anywhere from 0.002 to 0.055 at 95%). The exact binomial interval holds its coverage at any sample size and
+    at rates near 0, where the normal approximation does not. Its ends are quantiles of beta distributions
+    (``scipy.stats.beta``), the numbers ``scipy.stats.binomtest(...).proportion_ci(method="exact")`` gives (tested)
+    at a thirtieth of the time, which runs the whole test first: 1.6 ms an interval, and a run summary of a noise
+    schedule that changed sigma at each of 2,000 audits took 9 s at ``close()`` (this project's 2-core CPU).
 
     Returns:
         ``(low, high)``; ``(nan, nan)`` when no image was scored.
@@ -283,10 +286,14 @@ def success_interval(hits: int, images: int, *, confidence: float = 0.95) -> tup
         raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
     if images == 0:
         return math.nan, math.nan
-    from scipy.stats import binomtest
+    if not 0 <= hits <= images:
+        raise ValueError(f"hits must lie between 0 and the {images} images, got {hits}")
+    from scipy.stats import beta
 
-    interval = binomtest(hits, images).proportion_ci(confidence_level=confidence, method="exact")
-    return float(interval.low), float(interval.high)
+    tail = (1 - confidence) / 2
+    low = 0.0 if hits == 0 else float(beta.ppf(tail, hits, images - hits + 1))
+    high = 1.0 if hits == images else float(beta.ppf(1 - tail, hits + 1, images - hits))
+    return low, high
 
 
 def success_rate(values: torch.Tensor, threshold: float, *, lower_is_better: bool = True) -> float:

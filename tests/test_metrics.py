@@ -66,3 +66,18 @@ def test_a_success_rate_comes_with_its_exact_binomial_interval():
     assert rates == {"ssim@0.3": 0.4, "ssim@0.5": 0.6}
     assert tuple(intervals["ssim@0.5"].values()) == success_interval(3, 5)
     assert all(ci["low"] <= rates[key] <= ci["high"] for key, ci in intervals.items())
+    with pytest.raises(ValueError, match="hits must lie between 0 and the 5 images, got 6"):
+        success_interval(6, 5)
+
+
+def test_the_interval_is_the_one_scipys_binomial_test_gives():
+    from scipy.stats import binomtest
+
+    from opacus_dmaudit.metrics import success_interval
+
+    for images in (1, 2, 7, 31, 128, 1000):
+        for hits in sorted({0, 1, images // 3, images - 1, images}):
+            for confidence in (0.5, 0.95, 0.999):
+                exact = binomtest(hits, images).proportion_ci(confidence_level=confidence, method="exact")
+                assert success_interval(hits, images, confidence=confidence) == pytest.approx(
+                    (exact.low, exact.high), abs=1e-12), (hits, images, confidence)
