@@ -999,30 +999,38 @@ class DMAuditor:
         if not self.active:
             return
         if self.records:
-            last = self.records[-1]
-            summaries = self.run_summary()
-            self.writer.text("audit/run_summary", run_summary_markdown(summaries), step=last.step)
-            for level in summaries:
-                if level.above_bound:
-                    # The one audit finding that says DP itself may not hold as configured: it must not sit in a
-                    # text tab alone.
-                    logger.warning("opacus_dmaudit: at noise multiplier %g the attack succeeded more often than DP "
-                                   "allows, beyond the rate's sampling error (%s; ReRo bound %s): the auditor's attacker knows "
-                                   "which bins hold one image%s, which the bound does not cover, but check that the "
-                                   "noise really is added as configured", level.noise_multiplier,
-                                   ", ".join(f"{k} {level.success_hits[k]} of {level.recovered}, interval from "
-                                             f"{level.success_ci[k]['low']:.3f}" for k in level.above_bound),
-                                   ", ".join(f"{level.rero_bound[k]:.3f}" for k in level.above_bound),
-                                   " and the clean scale" if self.scale == "oracle" else "")
-            # The figures to compare runs by in TensorBoard's HParams tab: pooled over every audit at the run's last
-            # noise multiplier, not one audit's rough rate.
-            level = next(s for s in summaries if s.noise_multiplier == last.noise_multiplier)
-            final = {f"hparam/reconstructed_{k}": v for k, v in level.reconstructed.items()}
-            final.update({f"hparam/success_{k}": v for k, v in level.success.items()})
-            final.update({f"hparam/success_{k}_high": ci["high"] for k, ci in level.success_ci.items()})
-            final["hparam/epsilon"] = last.epsilon
-            self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
+            try:
+                self._log_run_summary()
+            except Exception:  # close() runs on the training thread: a summary must not take the run down
+                logger.exception("opacus_dmaudit: writing the run summary and hparams failed; the audit logs are "
+                                 "complete without them")
         self.writer.close()
+
+    def _log_run_summary(self) -> None:
+        """At close: the run's audits pooled (TensorBoard text, a warning for a rate above its bound) and the run's
+        hparams."""
+        last = self.records[-1]
+        summaries = self.run_summary()
+        self.writer.text("audit/run_summary", run_summary_markdown(summaries), step=last.step)
+        for level in summaries:
+            if level.above_bound:
+                # The one finding that says DP itself may not hold as configured: it must not sit in a text tab alone.
+                logger.warning("opacus_dmaudit: at noise multiplier %g the attack succeeded more often than DP allows, "
+                               "beyond the rate's sampling error (%s; ReRo bound %s): the auditor's attacker knows "
+                               "which bins hold one image%s, which the bound does not cover, but check that the noise "
+                               "really is added as configured", level.noise_multiplier,
+                               ", ".join(f"{k} {level.success_hits[k]} of {level.recovered}, interval from "
+                                         f"{level.success_ci[k]['low']:.3f}" for k in level.above_bound),
+                               ", ".join(f"{level.rero_bound[k]:.3f}" for k in level.above_bound),
+                               " and the clean scale" if self.scale == "oracle" else "")
+        # The figures to compare runs by in TensorBoard's HParams tab: pooled over every audit at the run's last noise
+        # multiplier, not one audit's rough rate.
+        level = next(s for s in summaries if s.noise_multiplier == last.noise_multiplier)
+        final = {f"hparam/reconstructed_{k}": v for k, v in level.reconstructed.items()}
+        final.update({f"hparam/success_{k}": v for k, v in level.success.items()})
+        final.update({f"hparam/success_{k}_high": ci["high"] for k, ci in level.success_ci.items()})
+        final["hparam/epsilon"] = last.epsilon
+        self.writer.hparams({**self.settings(), "noise_multiplier": last.noise_multiplier}, final)
 
     def _freeze_block(self) -> None:
         """Inline, at close: nothing restores the rows any more. Frozen, they neither train nor take part of each

@@ -278,6 +278,11 @@ def test_close_warns_when_the_pooled_rate_lies_above_the_rero_bound(tmp_path, ti
     within = dict(recovered=4, success={"ssim@0.5": 3 / 4}, rero_bound={"ssim@0.5": 0.6})
     assert "more often than DP allows" not in close_with([audit_record(10, **within), audit_record(20, **within)],
                                                          "within")
+    # close() runs on the training thread: a record the summary cannot pool (more hits than images) is logged, not
+    # raised, and the logs are still closed.
+    text = close_with([audit_record(10, recovered=4, success={"ssim@0.5": 2.0})], "broken")
+    assert "writing the run summary and hparams failed" in text and "hits must lie between 0 and the 4 images" in text
+    assert list((tmp_path / "broken").glob("events.out.tfevents.*"))
 
 
 def test_an_accountant_of_one_s_own_that_takes_arguments_gives_each_audit_its_epsilon(tmp_path, fashion_images,
