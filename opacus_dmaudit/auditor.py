@@ -933,12 +933,16 @@ class DMAuditor:
 
     def _log(self, audit: AuditRecord | ScoredAudit) -> None:
         """Write one audit's logs; a scored audit's images become its grid (the writer leaves the training images
-        out under ``log_originals=False``)."""
+        out under ``log_originals=False``), and its figures join the pooled ones of its noise multiplier."""
         if isinstance(audit, AuditRecord):
             self.writer.audit(audit)
             return
+        record = audit.record
+        # Worker thread: the records so far (this one is added once logged) at this noise multiplier.
+        (pooled,) = summarize_run([r for r in self.records if r.noise_multiplier == record.noise_multiplier]
+                                  + [record])
         sampler = f"ddim, {self.steps} steps" if self.sampler == "ddim" else "ddpm"
-        self.writer.audit(audit.record, originals=audit.originals, order=audit.grid_order, rows={
+        self.writer.audit(record, originals=audit.originals, order=audit.grid_order, pooled=pooled, rows={
             "recovered from the noised DP-SGD gradient": audit.noisy,
             f"reconstructed by the prior ({sampler})": audit.reconstructed})
 

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # the auditor writes the attack's records with this module's writer
+if TYPE_CHECKING:  # the auditor writes the attack's records (and their pools) with this module's writer
     from opacus_dmaudit.attack import AuditRecord
+    from opacus_dmaudit.run_summary import RunSummary
 
 __all__ = ["PRIVATE_FILE_MODE", "PRIVATE_DIR_MODE", "make_private_dir", "protect_tree", "write_private_bytes",
            "write_json", "to_json", "image_grid", "grid_selection", "GRID_ORDERS", "save_image_grid",
-           "metrics_and_success_plot", "audit_scalars",
+           "metrics_and_success_plot", "audit_scalars", "pooled_scalars",
            "audit_summary_markdown", "AuditLogWriter"]
 
 PRIVATE_FILE_MODE = 0o600
@@ -219,6 +220,16 @@ def audit_scalars(record: AuditRecord) -> dict[str, float | None]:
     return scalars
 
 
+def pooled_scalars(pooled: RunSummary) -> dict[str, float]:
+    """The TensorBoard scalars of a :class:`~opacus_dmaudit.run_summary.RunSummary`: per ``metric@eta`` the pooled
+    success rate and its interval's ends, which narrow as audits add up."""
+    scalars = {f"pooled_success_rate/{key}": rate for key, rate in pooled.success.items()}
+    for key, interval in pooled.success_ci.items():
+        scalars[f"pooled_success_low/{key}"] = interval["low"]
+        scalars[f"pooled_success_high/{key}"] = interval["high"]
+    return scalars
+
+
 def audit_summary_markdown(record: AuditRecord, *, grid_rows: Sequence[str] = (), shown: int = 0,
                            order: str | None = None) -> str:
     """The Markdown beside an audit's grid: its summary line, what the grid's rows are (``grid_rows``, top to bottom,
@@ -255,7 +266,7 @@ class AuditLogWriter:
         self._found = set(self.log_dir.rglob("*")) - {self.jsonl_path}
         self.earlier_run = self.jsonl_path.exists() or any(self.log_dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        self._charted = False  # the success-against-bound charts are laid out once, at the first audit with bounds
+        self._charted = False  # the success-rate charts are laid out once, at the first audit that scored images
         self._protect()
 
     def _protect(self) -> None:
@@ -277,15 +288,24 @@ class AuditLogWriter:
             if value is not None and value == value:
                 self.writer.add_scalar(tag, float(value), global_step=step)
 
-    def chart_with_bounds(self, keys: Sequence[str]) -> None:
-        """One Custom Scalars chart per ``metric@eta``: the success rate and its ReRo bound on the same axes."""
-        self.writer.add_custom_scalars({"success rate against the ReRo bound": {
-            key: ["Multiline", [f"success_rate/{key}", f"rero_bound/{key}"]] for key in keys}})
+    def success_charts(self, keys: Sequence[str]) -> None:
+        """Custom Scalars charts per ``metric@eta``: the audit's success rate, the pooled one and the ReRo bound on
+        the same axes; and the pooled rate inside its interval (a Margin chart)."""
+        self.writer.add_custom_scalars({
+            "success rate against the ReRo bound": {
+                key: ["Multiline", [f"success_rate/{key}", f"pooled_success_rate/{key}", f"rero_bound/{key}"]]
+                for key in keys},
+            "pooled success rate and its interval": {
+                key: ["Margin", [f"pooled_success_rate/{key}", f"pooled_success_low/{key}",
+                                 f"pooled_success_high/{key}"]] for key in keys},
+        })
 
     def audit(self, record: AuditRecord, *, originals: torch.Tensor | None = None,
-              rows: Mapping[str, torch.Tensor] | None = None, order: str | None = None) -> None:
-        """Log one audit at its step: its scalars (:func:`audit_scalars`), its image grid, the Markdown summary
-        beside it (:func:`audit_summary_markdown`), and its line in ``audits.jsonl``; then flush.
+              rows: Mapping[str, torch.Tensor] | None = None, order: str | None = None,
+              pooled: RunSummary | None = None) -> None:
+        """Log one audit at its step: its scalars (:func:`audit_scalars`, and :func:`pooled_scalars` of ``pooled``),
+        its image grid, the Markdown summary beside it (:func:`audit_summary_markdown`), and its line in
+        ``audits.jsonl``; then flush.
 
         Args:
             record: the audit's :class:`~opacus_dmaudit.attack.AuditRecord`.
@@ -293,16 +313,19 @@ class AuditLogWriter:
             rows: the grid's rows below them, top to bottom, by what they show (as many images each as
                 ``originals``); None: no grid.
             order: how the grid's columns are ordered, for the text beside it (e.g. "highest SSIM first").
+            pooled: the run's audits at this audit's noise multiplier so far, this one included.
         """
         grid: dict[str, torch.Tensor] = {}
         if rows:
             if originals is not None and self.log_originals:
                 grid["the training images"] = originals
             grid.update(rows)
-        if record.rero_bound and not self._charted:
+        if record.success and not self._charted:
             self._charted = True
-            self.chart_with_bounds(sorted(record.rero_bound))
+            self.success_charts(sorted(record.success))
         self.scalars(audit_scalars(record), step=record.step)
+        if pooled is not None:
+            self.scalars(pooled_scalars(pooled), step=record.step)
         if grid:
             tag = "original_noisy_reconstructed" if self.log_originals else "noisy_reconstructed"
             self.grid(f"audit/{tag}", list(grid.values()), step=record.step)

@@ -31,7 +31,7 @@ from opacus_dmaudit.capture import PerLayerClippingError
 from opacus_dmaudit.imprint import ImprintBlock
 from opacus_dmaudit.prior import DiffusionPrior
 from opacus_dmaudit.reverse_process import FastPathConfig, cuda_graphs_leave_default_generator_alone
-from opacus_dmaudit.run_summary import run_summary_markdown
+from opacus_dmaudit.run_summary import run_summary_markdown, summarize_run
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -197,7 +197,27 @@ def test_close_logs_the_audits_pooled_and_makes_them_the_runs_hparams(tmp_path, 
     for key in level.success:
         assert level.success[key] == pytest.approx(sum(r.success[key] * r.recovered for r in auditor.records) / images)
     assert level.success["ssim@0.5"] != auditor.records[-1].success["ssim@0.5"]
-    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"tensors": 0}).Reload()
+    events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    # Live, at each audit: the pooled rate so far and its interval, narrowing as audits add up.
+    for tag, figure in (("pooled_success_rate", lambda s: s.success["ssim@0.5"]),
+                        ("pooled_success_low", lambda s: s.success_ci["ssim@0.5"]["low"]),
+                        ("pooled_success_high", lambda s: s.success_ci["ssim@0.5"]["high"])):
+        logged = events.Scalars(f"{tag}/ssim@0.5")
+        assert [e.step for e in logged] == [5, 10, 15, 20]
+        assert [e.value for e in logged] == pytest.approx(
+            [figure(summarize_run(auditor.records[: i + 1])[0]) for i in range(4)], abs=1e-6)
+    widths = [high.value - low.value for low, high in zip(events.Scalars("pooled_success_low/ssim@0.5"),
+                                                          events.Scalars("pooled_success_high/ssim@0.5"))]
+    assert widths[-1] < widths[0]
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    # TensorBoard's Custom Scalars tab draws the pooled rate inside its interval.
+    config = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    margins = [chart for category in layout_pb2.Layout.FromString(config).category for chart in category.chart
+               if chart.HasField("margin")]
+    assert {(m.title, m.margin.series[0].value, m.margin.series[0].lower, m.margin.series[0].upper)
+            for m in margins} >= {("ssim@0.5", "pooled_success_rate/ssim@0.5", "pooled_success_low/ssim@0.5",
+                                   "pooled_success_high/ssim@0.5")}
     run_text = events.Tensors("audit/run_summary/text_summary")
     assert [e.step for e in run_text] == [20]
     assert run_text[0].tensor_proto.string_val[0].decode() == run_summary_markdown([level])
