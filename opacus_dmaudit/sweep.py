@@ -284,7 +284,20 @@ def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | 
                           "recommend_on": config.recommend_on,
                           "message": "no recommendation" if len(unscored) == len(entries) else
                           f"no swept noise multiplier keeps {judged} ({key}) at or below {config.target_success:g}"
-                          f"{' from there on' if lucky else ''}: sweep larger ones"}
+                          f"{' from there on' if lucky else ''}"}
+        # Where DP's own bound for the attacked step already meets the target, a larger sigma cannot bring the rate
+        # much lower (it sits near the prior's baseline): what is missing is images, not noise.
+        bounded = [e for e in scored if e.rero_bound_attack.get(key, math.inf) <= config.target_success]
+        if bounded:
+            recommendation["bound_meets_target_from"] = bounded[0].noise_multiplier
+            recommendation["message"] += (
+                f"; but from noise multiplier {bounded[0].noise_multiplier:g} on, the attacked step's ReRo bound "
+                f"({bounded[0].rero_bound_attack[key]:.3f}) is itself at or below it: DP holds any attacker of the "
+                "step to that (at the prior's baseline kappa, without the side information this attack has), so "
+                f"attack more images (--limit, now {bounded[0].n_images} scored) to see whether this attack's rate "
+                "is under the target too, rather than sweeping larger ones")
+        elif len(unscored) < len(entries):
+            recommendation["message"] += ": sweep larger ones"
     else:
         best = safe[0]
         interval = best.success_ci.get(key, {"low": math.nan, "high": math.nan})

@@ -68,7 +68,12 @@ def test_a_recommendation_that_rests_on_too_few_images_says_so():
     # On the interval's top, 2 of 128 does not meet 5%; 8 of 1,024 (top 0.015) does, and so does 2 of 128 at 10%.
     upper = SweepConfig(recommend_on="upper")
     assert _recommend([entry(2, 128)], upper)["noise_multiplier"] is None
-    assert "keeps the top of its interval (ssim@0.5) at or below 0.05" in _recommend([entry(2, 128)], upper)["message"]
+    refused = _recommend([entry(2, 128)], upper)
+    assert "keeps the top of its interval (ssim@0.5) at or below 0.05" in refused["message"]
+    # sigma 3's attacked-step bound, 0.035, is itself under the target: more images, not more noise, would settle it.
+    assert refused["bound_meets_target_from"] == 3.0 and "sweep larger" not in refused["message"]
+    assert ("from noise multiplier 3 on, the attacked step's ReRo bound (0.035) is itself at or below it"
+            in refused["message"]) and "attack more images (--limit, now 128 scored)" in refused["message"]
     firm_upper = _recommend([entry(8, 1024)], upper)
     assert firm_upper["noise_multiplier"] == 3.0 and firm_upper["recommend_on"] == "upper"
     assert "the top of its 95% interval 0.015 <= 0.05" in firm_upper["message"]
