@@ -206,8 +206,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     for level in result.levels:
         n, r = level.noisy, level.reconstructed
         print(f"{level.noise_std:>9.4g} {level.t_start:>4d} | {_figure(n['psnr'], '10.2f')} "
-              f"{_figure(n['ssim'], '6.3f')} {_figure(n.get('lpips'), '6.3f')} | {_figure(r['psnr'], '10.2f')} {_figure(r['ssim'], '6.3f')} "
-              f"{_figure(r.get('lpips'), '6.3f')} | {level.seconds:>7.1f}")
+              f"{_figure(n['ssim'], '6.3f')} {_figure(n.get('lpips'), '6.3f')} | {_figure(r['psnr'], '10.2f')} "
+              f"{_figure(r['ssim'], '6.3f')} {_figure(r.get('lpips'), '6.3f')} | {level.seconds:>7.1f}")
         if level.from_prior:
             print(f"          {level.from_prior} images had noise above the prior's range: prior samples")
     if result.adaptation_loss:
@@ -360,8 +360,8 @@ def _summarize(args: argparse.Namespace) -> int:
                   f"{_figure(s.reconstructed.get('psnr'), '10.2f')} {_figure(s.reconstructed.get('ssim'), '10.3f')} | "
                   f"{_figure(s.success.get(key), '16.3f')} {interval:>13} {_figure(s.rero_bound.get(key), '10.3f')}"
                   + ("  interval above the bound" if key in s.above_bound else ""))
-    print("success = share of all reconstructions at that sigma with SSIM >= 0.5, pooled over the run's audits (an image "
-          "attacked in several audits counts once per audit); --json has every metric and threshold")
+    print("success = share of all reconstructions at that sigma with SSIM >= 0.5, pooled over the run's audits (an "
+          "image attacked in several audits counts once per audit); --json has every metric and threshold")
     if args.json:
         write_json(args.json, {log_dir: [asdict(s) for s in summaries] for log_dir, summaries in runs.items()})
         print(f"wrote {args.json}")
@@ -371,8 +371,8 @@ def _summarize(args: argparse.Namespace) -> int:
                         key=lambda s: s.epsilon)
         if not points:
             raise CliError("nothing to plot: no run has an audit that reconstructed images at a finite epsilon")
-        png = metrics_and_success_plot(points, [s.epsilon for s in points], x_label="epsilon", confidence=args.confidence,
-                                       bounds=[("ReRo bound, audited step", "^--", 0.6,
+        png = metrics_and_success_plot(points, [s.epsilon for s in points], x_label="epsilon",
+                                       confidence=args.confidence, bounds=[("ReRo bound, audited step", "^--", 0.6,
                                                 lambda s, key: s.rero_bound.get(key))],
                                        title=f"opacus-dmaudit summarize: {len(points)} run(s) and noise multiplier(s)")
         write_private_bytes(args.plot, png, private=False)

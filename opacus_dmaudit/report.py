@@ -169,7 +169,8 @@ def metrics_and_success_plot(entries: Sequence[Any], xs: Sequence[float], *, x_l
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, metric in zip(axes[:3], ("psnr", "ssim", "mse")):
-        for attribute, style, label in (("noisy", "o--", "noisy (recovered)"), ("reconstructed", "o-", "reconstructed")):
+        for attribute, style, label in (("noisy", "o--", "noisy (recovered)"),
+                                        ("reconstructed", "o-", "reconstructed")):
             values = [getattr(e, attribute).get(metric) for e in entries]
             ax.plot(xs, [math.nan if v is None else v for v in values], style, label=label)
         ax.set_xlabel(x_label)

@@ -76,9 +76,8 @@ class RunSummary:
 
     def summary(self) -> str:
         """One line: the audits, the images, mean PSNR and SSIM, and the ``ssim@0.5`` rate with its interval."""
-        eps = "n/a" if self.epsilon is None else f"{self.epsilon:.3g}"
         line = (f"noise multiplier {self.noise_multiplier:g}: {self.audits} audit(s), steps {self.first_step} to "
-                f"{self.last_step}, eps={eps} | {self.recovered} images reconstructed of {self.attacked} attacked")
+                f"{self.last_step}, eps={_figure(self.epsilon, '.3g')} | {self.recovered} images reconstructed of {self.attacked} attacked")
         if not self.recovered:
             return line
         psnr, ssim = (self.reconstructed.get(name) for name in ("psnr", "ssim"))
@@ -146,7 +145,7 @@ def summarize_run(records: Iterable[AuditRecord], *, confidence: float = 0.95) -
 
     Args:
         records: the run's :class:`~opacus_dmaudit.attack.AuditRecord` (``DMAuditor.records``, or
-            :func:`~opacus_dmaudit.report.read_audit_records` of its log folder), in any order.
+            :func:`read_audit_records` of its log folder), in any order.
         confidence: the level of each pooled success rate's Clopper-Pearson interval.
 
     Returns:
@@ -200,7 +199,7 @@ def run_summary_markdown(summaries: Sequence[RunSummary]) -> str:
     for s in summaries:
         psnr, ssim = (s.reconstructed.get(name) for name in ("psnr", "ssim"))
         run = [f"{s.noise_multiplier:g}", f"{s.audits} ({s.first_step} to {s.last_step})",
-               "n/a" if s.epsilon is None else f"{s.epsilon:.3g}", f"{s.recovered} of {s.attacked}",
+               _figure(s.epsilon, ".3g"), f"{s.recovered} of {s.attacked}",
                f"{_figure(psnr, '.2f')} / {_figure(ssim, '.3f')}"]
         if not s.success:
             rows.append(run + ["n/a", "", ""])
@@ -211,8 +210,8 @@ def run_summary_markdown(summaries: Sequence[RunSummary]) -> str:
             run = [""] * len(run)  # the noise multiplier's figures once, on its first row
         if s.above_bound:
             notes.append(f"At noise multiplier {s.noise_multiplier:g} the whole interval of {', '.join(s.above_bound)} "
-                         "lies above its ReRo bound: more successes than DP allows, beyond the rate's sampling error. The "
-                         "auditor's attacker knows which bins hold one image (and, with scale 'oracle', the clean "
+                         "lies above its ReRo bound: more successes than DP allows, beyond the rate's sampling error. "
+                         "The auditor's attacker knows which bins hold one image (and, with scale 'oracle', the clean "
                          "scale), which the bound does not cover; check the DP set-up all the same.")
     level = f"{summaries[0].confidence:.0%} " if summaries else ""
     intro = (f"Success rates over all reconstructions of the run at each noise multiplier, with their {level}"

@@ -276,8 +276,8 @@ def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | 
         if _judged_rate(entry, key, config) > config.target_success:
             break
         safe.insert(0, entry)
-    lucky = [e.noise_multiplier for e in scored[: len(scored) - len(safe)]
-             if _judged_rate(e, key, config) <= config.target_success]
+    below_a_failure = scored[: len(scored) - len(safe)]
+    lucky = [e.noise_multiplier for e in below_a_failure if _judged_rate(e, key, config) <= config.target_success]
     judged = "the top of its interval" if config.recommend_on == "upper" else "its success rate"
     if not safe:
         recommendation = {"noise_multiplier": None, "criterion": key, "target_success": config.target_success,
@@ -322,8 +322,8 @@ def _recommend(entries: list[SweepEntry], config: SweepConfig, *, caveat: str | 
                                           "or recommend on the interval's top (--recommend-on upper)")
     if lucky:
         recommendation["met_below_a_failure"] = lucky
-        larger = [e.noise_multiplier for e in scored if e.noise_multiplier > lucky[0] and e not in safe
-                  and e.noise_multiplier not in lucky]
+        larger = [e.noise_multiplier for e in below_a_failure if e.noise_multiplier > lucky[0]
+                  and _judged_rate(e, key, config) > config.target_success]
         recommendation["message"] += (f"; noise multiplier {', '.join(f'{s:g}' for s in lucky)} met the target too, "
                                       f"but the larger {', '.join(f'{s:g}' for s in larger)} did not: that pass is "
                                       "sampling luck (more noise does not help an attacker), so it is not recommended")

@@ -1,4 +1,4 @@
-"""A run's audits taken together: pooled per noise multiplier, read back from their logs, and the `summarize` command."""
+"""A run's audits taken together: pooled per noise multiplier, read back from their logs, and `summarize`."""
 
 import json
 import math
