@@ -5,7 +5,8 @@ training thread spent inside the auditor's hooks per audited step (the copy of t
 the audits themselves took on the worker. The inline capture cost is the gradient copy inside the step hook, given
 also as a share of the step without an auditor. "inline, no audits" carries the imprint block through every step
 but never audits: the standing cost of its per-sample gradients, apart from the audits' share of the device. On
-CPU, "shadow, worker niceness 0" runs the audit worker at training's own priority, against DMAuditor's default.
+CPU, "shadow, worker niceness 0" runs the audit worker at training's own priority, and "…, worker all threads" on as
+many intra-op threads as training, against DMAuditor's defaults (niceness 10, half the threads).
 On CUDA each row also gives the device memory's peak from the auditor's creation to the end of training: the worker
 allocates on its own stream, and the caching allocator does not lend those blocks to training's stream, so what the
 auditor holds adds to training's peak. ``--grad-sample-mode ghost`` trains with Opacus's ghost clipping (its
@@ -36,6 +37,8 @@ warnings.filterwarnings("ignore")
 
 # The worker at the training thread's priority: what DMAuditor's default niceness saves a CPU-bound loop.
 EVEN_PRIORITY = "shadow, worker niceness 0"
+# The worker on as many intra-op threads as training (DMAuditor's default gives it half): what that saves on a CPU.
+ALL_THREADS = ("shadow, worker all threads", "inline, worker all threads")
 
 
 def cnn(width: int) -> nn.Module:
@@ -68,16 +71,18 @@ def run(variant: str, *, images, labels, args, device) -> dict:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=args.batch)
     engine = PrivacyEngine(accountant=args.accountant)
     auditor = None
-    mode = {"no auditor": None, "inline, no audits": "inline", EVEN_PRIORITY: "shadow"}.get(variant, variant)
+    mode = {"no auditor": None, "inline, no audits": "inline"}.get(variant, variant.split(",")[0])
     if mode is not None:
         every = 10**9 if variant == "inline, no audits" else args.every
-        niceness = {"worker_niceness": 0} if variant == EVEN_PRIORITY else {}
+        worker = {"worker_niceness": 0} if variant == EVEN_PRIORITY else {}
+        if variant in ALL_THREADS:
+            worker = {"worker_threads": torch.get_num_threads()}
         # One fresh folder per variant and run: appending to an earlier run's logs would warn and mix them.
         log_dir = f"{args.log_root}/{time.strftime('%Y%m%d-%H%M%S')}-{variant.replace(' ', '').replace(',', '-')}"
         auditor = DMAuditor(engine, prior=args.prior, log_dir=log_dir, every=every,
                             mode=mode, steps=args.sampler_steps, max_reconstructions=args.max_reconstructions,
                             queue_size=args.steps // args.every + 1, device=device,
-                            kappa_samples=args.kappa_samples, **niceness)
+                            kappa_samples=args.kappa_samples, **worker)
     criterion = nn.CrossEntropyLoss()
     ghost = args.grad_sample_mode == "ghost"
     private = engine.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
@@ -140,8 +145,8 @@ def main() -> None:
     images = load_images("fashion-mnist:train", limit=args.batch * 8)
     labels = torch.randint(0, 10, (images.shape[0],))
     variants = ("no auditor", "shadow", "inline", "inline, no audits")
-    if device.type == "cpu":  # where the worker's priority decides how it shares the cores with training
-        variants += (EVEN_PRIORITY,)
+    if device.type == "cpu":  # where the worker's priority and threads decide how it shares the cores with training
+        variants += (EVEN_PRIORITY, *ALL_THREADS)
     rows = [run(variant, images=images, labels=labels, args=args, device=device) for variant in variants]
     base = rows[0]["ms_per_step"]
     for row in rows:

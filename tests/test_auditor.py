@@ -995,6 +995,38 @@ def test_the_worker_thread_runs_at_a_lower_priority_and_training_does_not(tmp_pa
             DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", worker_niceness=bad)
 
 
+@pytest.mark.skipif("ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="a per-thread intra-op thread count is OpenMP's")
+def test_the_worker_thread_sets_its_own_intra_op_threads_and_no_other_threads(tmp_path, fashion_images,
+                                                                              tiny_prior_dir):
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # whatever this machine's count: one that the default halves
+
+    def count_in_a_new_thread() -> int:
+        counts = []
+        thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return counts[0]
+
+    try:
+        for worker_threads, expected in ((None, 2), (3, 3)):
+            seen = []
+            kwargs = audit_kwargs(tmp_path, tiny_prior_dir, log_dir=tmp_path / f"threads-{worker_threads}",
+                                  worker_threads=worker_threads, kappa_samples=0,
+                                  on_audit=lambda record: seen.append(torch.get_num_threads()))
+            _, auditor, _ = train(fashion_images[:128], auditor_kwargs=kwargs, steps=10)
+            assert len(seen) == 2 and set(seen) == {expected}, seen
+            assert torch.get_num_threads() == 4  # the training thread's own
+            # A thread started later takes the process's count (the worker set it for itself alone).
+            assert count_in_a_new_thread() == 4
+        for bad in (0, -2):
+            with pytest.raises(ValueError, match="worker_threads must be a positive whole number or None"):
+                DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", worker_threads=bad)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_make_private_with_epsilon_and_attach(tmp_path, fashion_images, tiny_prior_dir):
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(
