@@ -231,10 +231,12 @@ class DMAuditor:
         worker_threads: intra-op threads of the audit worker's torch operations (the prior on CPU, the shadow
             step, recovery), set on the worker thread alone; the training thread keeps its own. ``None``: half of
             ``torch.get_num_threads()`` at creation, at least 1. Fewer threads leave training more of the cores:
-            on a 2-core CPU (``benchmarks/auditor_overhead.py``, CNN width 16, three paired runs) a step took
-            ×1.6 to ×2.0 its time without an auditor while shadow audits ran on 2 threads, ×1.1 to ×1.5 on 1,
-            and the audits took 1.7 times as long. Applied where torch's intra-op backend is OpenMP (its wheels
-            for Linux, Windows and macOS); elsewhere the count is process-wide, and the worker shares it.
+            on a 2-core CPU (``benchmarks/auditor_overhead.py --drop-queued``, CNN width 16, the worker busy all
+            through training, three runs) a step took ×1.01 to ×1.21 its time without an auditor in shadow mode
+            and ×1.31 to ×1.41 inline with the worker on 1 thread, against ×1.24 to ×1.54 and ×1.56 to ×2.56 on 2
+            (lower in every pair), and an audit took about 1.5 times as long. Applied where torch's intra-op
+            backend is OpenMP (its wheels for Linux, Windows and macOS); elsewhere the count is process-wide, and
+            the worker keeps it.
 
     Attributes:
         records: an :class:`AuditRecord` per finished audit, in step order (audits that share a pass of the prior

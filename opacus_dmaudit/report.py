@@ -245,6 +245,13 @@ def audit_summary_markdown(record: AuditRecord, *, grid_rows: Sequence[str] = ()
     return "\n".join(lines).strip()
 
 
+def _chartable(value: float | None) -> bool:
+    """Whether TensorBoard can chart ``value``: not None (not scored), NaN, or infinite. An infinite value (epsilon of
+    a run without noise, PSNR of an exact reconstruction) would stretch a chart's axis without end and hide every
+    finite point on it; the audit's summary text and ``audits.jsonl`` keep it."""
+    return value is not None and math.isfinite(value)
+
+
 class AuditLogWriter:
     """TensorBoard event files plus ``audits.jsonl`` in one private log folder.
 
@@ -285,8 +292,9 @@ class AuditLogWriter:
         self.writer.add_image(tag, image_grid(rows), global_step=step)
 
     def scalars(self, values: dict[str, float | None], *, step: int) -> None:
+        """Log each value that is a finite number (see :func:`_chartable`)."""
         for tag, value in values.items():
-            if value is not None and value == value:
+            if _chartable(value):
                 self.writer.add_scalar(tag, float(value), global_step=step)
 
     def success_charts(self, keys: Sequence[str]) -> None:
@@ -345,7 +353,7 @@ class AuditLogWriter:
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.writer.add_hparams(clean, {k: v for k, v in metrics.items() if v is not None and v == v},
+        self.writer.add_hparams(clean, {k: v for k, v in metrics.items() if _chartable(v)},
                                 run_name="hparams")
 
     def flush(self) -> None:
