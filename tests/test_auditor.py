@@ -467,13 +467,13 @@ def test_inline_mode_without_noise_recovers_exactly_before_the_prior(tmp_path, f
     written = [json.loads(line, parse_constant=lambda constant: pytest.fail(f"{constant} in audits.jsonl"))
                for line in lines]
     assert [(r["epsilon"], r["noise_multiplier"]) for r in written] == [(None, 0.0), (None, 0.0)]
-    # TensorBoard charts only finite figures: an infinite epsilon (or the exact images' PSNR) would stretch its
+    # TensorBoard charts only finite figures: an infinite epsilon would stretch its
     # chart's axis without end. The summary text beside the grid keeps epsilon.
     events = EventAccumulator(str(tmp_path / "audit"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
     hparams = EventAccumulator(str(tmp_path / "audit" / "hparams"), size_guidance={"scalars": 0}).Reload()
     logged = {tag: [e.value for e in run.Scalars(tag)] for run in (events, hparams) for tag in run.Tags()["scalars"]}
     assert "privacy/noise_multiplier" in logged and "privacy/epsilon" not in logged
-    assert "hparam/epsilon" not in logged and "noisy/psnr" not in logged and "noisy/mse" in logged
+    assert "hparam/epsilon" not in logged and "noisy/mse" in logged
     assert all(math.isfinite(value) for values in logged.values() for value in values)
     texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("audit/summary/text_summary")]
     assert len(texts) == 2 and all("eps=inf" in text for text in texts)
