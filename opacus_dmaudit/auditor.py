@@ -234,7 +234,8 @@ class DMAuditor:
             on a 2-core CPU (``benchmarks/auditor_overhead.py --drop-queued``, CNN width 16, the worker busy all
             through training, three runs) a step took ×1.01 to ×1.21 its time without an auditor in shadow mode
             and ×1.31 to ×1.41 inline with the worker on 1 thread, against ×1.24 to ×1.54 and ×1.56 to ×2.56 on 2
-            (lower in every pair), and an audit took about 1.5 times as long. Applied where torch's intra-op
+            (lower in every pair), and an audit took about 1.5 times as long. The audits that ``close()`` waits
+            for, after training, run on the inherited count again. Applied where torch's intra-op
             backend is OpenMP (its wheels for Linux, Windows and macOS); elsewhere the count is process-wide, and
             the worker keeps it.
 
@@ -400,6 +401,8 @@ class DMAuditor:
                 self._stream = torch.cuda.Stream(self.prior.device)
             self._worker = threading.Thread(target=self._work, name="opacus-dmaudit", daemon=True)
             self._worker_started = threading.Event()
+            self._draining = threading.Event()  # close() waits for the queued audits: training has ended
+            self._inherited_threads: int | None = None  # the worker's thread count before it took worker_threads
             self._worker.start()
             # Setting the worker's thread count briefly touches torch's process-wide one (see _limit_worker_threads):
             # done while this thread waits, before training goes on.
@@ -895,9 +898,17 @@ class DMAuditor:
         # With OpenMP, torch.set_num_threads sets the calling thread's OpenMP and MKL counts, and also the count that
         # threads started later take at their first torch operation: a helper thread sets that one back.
         torch.set_num_threads(self.worker_threads)
+        self._inherited_threads = inherited
         helper = threading.Thread(target=torch.set_num_threads, args=(inherited,), name="opacus-dmaudit-threads")
         helper.start()
         helper.join()
+
+    def _threads_for_the_drain(self) -> None:
+        """Once close() waits for the queued audits, training has ended (its thread waits in close), so the worker
+        takes back the threads it left to training. Its inherited count is the process-wide one, which this leaves
+        as it is."""
+        if self._draining.is_set() and self._inherited_threads not in (None, torch.get_num_threads()):
+            torch.set_num_threads(self._inherited_threads)
 
     def _work(self) -> None:
         try:
@@ -918,6 +929,7 @@ class DMAuditor:
             try:
                 audits = [job for job in jobs if job is not None]
                 if audits and not self._stopped:
+                    self._threads_for_the_drain()
                     with self._worker_stream():
                         self._audit(audits)
             finally:
@@ -1031,6 +1043,8 @@ class DMAuditor:
         if self.active:
             if not wait:
                 self._drop_queued()
+            else:
+                self._draining.set()
             self._queue.put(None)
             self._worker.join()
             if self._dropped_busy > 1:

@@ -154,6 +154,19 @@ def first_jobs_taken(auditor) -> threading.Event:
     return taken
 
 
+def first_audit_taken_while_training(*, step: int = 5, auditors: list | None = None) -> dict:
+    """``train`` keywords that hold training after ``step`` until the worker has taken the first audit off the queue,
+    so that its pass starts while training runs, whenever a loaded machine wakes the worker. The auditor made is
+    appended to ``auditors``."""
+    taken, auditors = [], auditors if auditors is not None else []
+
+    def made(auditor):
+        auditors.append(auditor)
+        taken.append(first_jobs_taken(auditor))
+
+    return dict(on_auditor=made, after_step=lambda done: done == step and taken[0].wait(60))
+
+
 def audit_kwargs(tmp_path, prior, **extra):
     return {**dict(prior=prior, log_dir=tmp_path / "audit", every=5, steps=3, queue_size=10), **extra}
 
@@ -1026,14 +1039,41 @@ def test_the_worker_thread_sets_its_own_intra_op_threads_and_no_other_threads(tm
             kwargs = audit_kwargs(tmp_path, tiny_prior_dir, log_dir=tmp_path / f"threads-{worker_threads}",
                                   worker_threads=worker_threads, kappa_samples=0,
                                   on_audit=lambda record: seen.append(torch.get_num_threads()))
-            _, auditor, _ = train(fashion_images[:128], auditor_kwargs=kwargs, steps=10)
-            assert len(seen) == 2 and set(seen) == {expected}, seen
+            _, auditor, _ = train(fashion_images[:128], auditor_kwargs=kwargs, steps=10,
+                                  **first_audit_taken_while_training())
+            assert len(seen) == 2 and seen[0] == expected, seen
             assert torch.get_num_threads() == 4  # the training thread's own
             # A thread started later takes the process's count (the worker set it for itself alone).
             assert count_in_a_new_thread() == 4
         for bad in (0, -2):
             with pytest.raises(ValueError, match="worker_threads must be a positive whole number or None"):
                 DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", worker_threads=bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="a per-thread intra-op thread count is OpenMP's")
+def test_the_audits_close_waits_for_run_on_the_threads_training_no_longer_needs(tmp_path, fashion_images,
+                                                                                tiny_prior_dir):
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    seen, auditors = [], []
+
+    def hold_until_close(record):
+        seen.append(torch.get_num_threads())
+        if len(seen) == 1:  # the next audit waits in the queue until close() waits for it
+            deadline = time.monotonic() + 60
+            while not auditors[0]._draining.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert auditors[0]._draining.is_set()
+
+    try:
+        kwargs = audit_kwargs(tmp_path, tiny_prior_dir, kappa_samples=0, batch_audits=1, on_audit=hold_until_close)
+        _, auditor, _ = train(fashion_images[:128], auditor_kwargs=kwargs, steps=10,
+                              **first_audit_taken_while_training(auditors=auditors))
+        assert auditor.errors == 0 and seen == [2, 4]  # half while training ran, all once it ended
+        assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
 
