@@ -236,8 +236,8 @@ class DMAuditor:
             and ×1.31 to ×1.41 inline with the worker on 1 thread, against ×1.24 to ×1.54 and ×1.56 to ×2.56 on 2
             (lower in every pair), and an audit took about 1.5 times as long. The audits that ``close()`` waits
             for, after training, run on the inherited count again. Applied where torch's intra-op
-            backend is OpenMP (its wheels for Linux, Windows and macOS); elsewhere the count is process-wide, and
-            the worker keeps it.
+            backend is OpenMP (as in its Linux x86-64 wheels, checked); elsewhere the count may be process-wide,
+            and the worker keeps it.
 
     Attributes:
         records: an :class:`AuditRecord` per finished audit, in step order (audits that share a pass of the prior
