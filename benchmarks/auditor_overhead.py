@@ -158,9 +158,10 @@ def main() -> None:
         if "capture_ms_per_audit" in row:
             row["capture_pct_of_step"] = 100 * row["capture_ms_per_audit"] / base
     name = device_name(device)
+    dropped = "; audits still queued after training dropped" if args.drop_queued else ""
     print(f"auditor overhead: {name}, {args.grad_sample_mode}, {args.accountant} accountant, CNN width {args.width}, "
           f"batch {args.batch}, {args.steps} steps, audit every {args.every} ({args.sampler_steps} DDIM steps, <= "
-          f"{args.max_reconstructions} images){'; audits still queued after training dropped' if args.drop_queued else ''}")
+          f"{args.max_reconstructions} images){dropped}")
     for row in rows:
         extra = ""
         if row.get("audits"):

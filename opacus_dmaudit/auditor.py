@@ -31,7 +31,6 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
-import functools
 import logging
 import os
 import queue
@@ -159,9 +158,9 @@ def image_batch(images, *, what: str) -> torch.Tensor:
     return images.detach().float().cpu()
 
 
-@functools.lru_cache(maxsize=1)
-def _parallel_info() -> str:
-    return torch.__config__.parallel_info()
+def _thread_counts_are_per_thread() -> bool:
+    """Whether torch's intra-op thread count is each thread's own: so with its OpenMP backend (a few microseconds)."""
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 class DMAuditor:
@@ -893,7 +892,7 @@ class DMAuditor:
     def _limit_worker_threads(self) -> None:
         """Give this (worker) thread ``worker_threads`` intra-op threads, leaving every other thread's count alone."""
         inherited = torch.get_num_threads()
-        if inherited == self.worker_threads or "ATen parallel backend: OpenMP" not in _parallel_info():
+        if inherited == self.worker_threads or not _thread_counts_are_per_thread():
             return
         # With OpenMP, torch.set_num_threads sets the calling thread's OpenMP and MKL counts, and also the count that
         # threads started later take at their first torch operation: a helper thread sets that one back.

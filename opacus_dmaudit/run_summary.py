@@ -77,7 +77,8 @@ class RunSummary:
     def summary(self) -> str:
         """One line: the audits, the images, mean PSNR and SSIM, and the ``ssim@0.5`` rate with its interval."""
         line = (f"noise multiplier {self.noise_multiplier:g}: {self.audits} audit(s), steps {self.first_step} to "
-                f"{self.last_step}, eps={_figure(self.epsilon, '.3g')} | {self.recovered} images reconstructed of {self.attacked} attacked")
+                f"{self.last_step}, eps={_figure(self.epsilon, '.3g')} | {self.recovered} images reconstructed of "
+                f"{self.attacked} attacked")
         if not self.recovered:
             return line
         psnr, ssim = (self.reconstructed.get(name) for name in ("psnr", "ssim"))

@@ -26,7 +26,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from opacus_dmaudit.attack import audit_epsilon, pixel_range_note
-from opacus_dmaudit.auditor import DMAuditor, wait_until_freed
+from opacus_dmaudit.auditor import DMAuditor, _thread_counts_are_per_thread, wait_until_freed
 from opacus_dmaudit.batch_copy import _InertForwardHook
 from opacus_dmaudit.capture import PerLayerClippingError
 from opacus_dmaudit.imprint import ImprintBlock
@@ -152,6 +152,10 @@ def first_jobs_taken(auditor) -> threading.Event:
 
     auditor._audit = audit_after_signalling
     return taken
+
+
+per_thread_counts = pytest.mark.skipif(not _thread_counts_are_per_thread(),
+                                       reason="a per-thread intra-op thread count is OpenMP's")
 
 
 def first_audit_taken_while_training(*, step: int = 5, auditors: list | None = None) -> dict:
@@ -1019,8 +1023,7 @@ def test_the_worker_thread_runs_at_a_lower_priority_and_training_does_not(tmp_pa
             DMAuditor(prior=tiny_prior_dir, log_dir=tmp_path / "x", worker_niceness=bad)
 
 
-@pytest.mark.skipif("ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
-                    reason="a per-thread intra-op thread count is OpenMP's")
+@per_thread_counts
 def test_the_worker_thread_sets_its_own_intra_op_threads_and_no_other_threads(tmp_path, fashion_images,
                                                                               tiny_prior_dir):
     before = torch.get_num_threads()
@@ -1052,8 +1055,7 @@ def test_the_worker_thread_sets_its_own_intra_op_threads_and_no_other_threads(tm
         torch.set_num_threads(before)
 
 
-@pytest.mark.skipif("ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
-                    reason="a per-thread intra-op thread count is OpenMP's")
+@per_thread_counts
 def test_the_audits_close_waits_for_run_on_the_threads_training_no_longer_needs(tmp_path, fashion_images,
                                                                                 tiny_prior_dir):
     before = torch.get_num_threads()
